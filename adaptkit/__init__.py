@@ -1,0 +1,35 @@
+"""adaptkit: drop-in test-time adaptation for PyTorch.
+
+Example:
+    >>> import torch, torchvision, adaptkit
+    >>> model = torchvision.models.resnet18(num_classes=10).eval()
+    >>> with adaptkit.BNAdapt(model, N=16) as m:
+    ...     logits = m(torch.rand(4, 3, 32, 32))
+    >>> logits.shape
+    torch.Size([4, 10])
+"""
+
+from __future__ import annotations
+
+from adaptkit import methods as _methods  # noqa: F401  (registers the methods)
+from adaptkit._version import __version__
+from adaptkit.core.base import TTAMethod
+from adaptkit.core.layers import list_layers
+from adaptkit.methods.bn_adapt import BNAdapt
+from adaptkit.methods.tent import Tent
+from adaptkit.registry import adapt, get_method, list_methods, register_method
+from adaptkit.shift import ShiftScore, shift_score
+
+__all__ = [
+    "BNAdapt",
+    "ShiftScore",
+    "TTAMethod",
+    "Tent",
+    "__version__",
+    "adapt",
+    "get_method",
+    "list_layers",
+    "list_methods",
+    "register_method",
+    "shift_score",
+]

@@ -1,0 +1,75 @@
+"""Replace the statistics a BatchNorm layer normalises with, per forward, through owned hooks.
+
+A forward pre-hook measures the layer input's channel moments, asks a policy for the ``(mean, var)`` to
+use, and swaps them in for the running buffers for this one call; a forward hook registered with
+``always_call=True`` puts the original buffers back, even when the forward raises. The layer runs its
+own kernel in inference form, so the running statistics are never written and nothing is patched on the
+class. Each call is self-contained: a user ``model.eval()`` / ``model.train()`` cannot make a layer reuse
+an earlier batch's statistics (the robusta ``BayesianBatchNorm`` bug).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from adaptkit.core.hooks import HookManager
+from adaptkit.functional.moments import Moments, batch_moments
+
+#: ``policy(name, module, moments) -> (mean, var)`` to normalise with, or ``None`` for the source statistics.
+StatsPolicy = Callable[[str, nn.Module, Moments], Optional[tuple[torch.Tensor, torch.Tensor]]]
+
+
+class BNStatsOverride:
+    """Per-forward statistic replacement for a set of BatchNorm layers.
+
+    Args:
+        layers: ``{qualified_name: bn_module}``; every module must track running statistics.
+        policy: see :data:`StatsPolicy`.
+        hooks: the owning :class:`HookManager` (its ``remove_all`` detaches everything).
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> from adaptkit.core import HookManager
+        >>> from adaptkit.core.bn import BNStatsOverride
+        >>> bn, hooks = nn.BatchNorm1d(1).eval(), HookManager()
+        >>> _ = BNStatsOverride({"bn": bn}, lambda n, m, mom: (mom.mean, mom.var), hooks)
+        >>> bn(torch.tensor([[1.0], [3.0]])).flatten().tolist()  # normalised with mean 2, var 2
+        [-0.7071050405502319, 0.7071050405502319]
+        >>> bn.running_mean.tolist(), hooks.remove_all()
+        ([0.0], None)
+    """
+
+    def __init__(self, layers: dict[str, nn.Module], policy: StatsPolicy, hooks: HookManager) -> None:
+        self.policy = policy
+        self._lock = threading.Lock()
+        self._stash: dict[int, tuple[Any, Any, bool]] = {}
+        for name, module in layers.items():
+            hooks.forward_pre(module, self._make_pre(name))
+            hooks.forward(module, self._post, always_call=True)
+
+    def _make_pre(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def pre(module: nn.Module, inputs: tuple[Any, ...]) -> None:
+            x = inputs[0]
+            buf = module._buffers
+            mom = batch_moments(x.detach(), dtype=buf["running_mean"].dtype)
+            stats = self.policy(name, module, mom)
+            if stats is None:
+                return
+            mean, var = stats
+            with self._lock:
+                self._stash[id(module)] = (buf["running_mean"], buf["running_var"], module.training)
+            buf["running_mean"] = mean.to(buf["running_mean"].dtype)
+            buf["running_var"] = var.to(buf["running_var"].dtype)
+            module.training = False  # inference form: use (and never write) the swapped-in statistics
+
+        return pre
+
+    def _post(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        with self._lock:
+            saved = self._stash.pop(id(module), None)
+        if saved is not None:
+            module._buffers["running_mean"], module._buffers["running_var"], module.training = saved

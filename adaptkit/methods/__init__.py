@@ -1,0 +1,8 @@
+"""Adaptation methods, one file each; importing this package registers them."""
+
+from __future__ import annotations
+
+from adaptkit.methods.bn_adapt import BNAdapt
+from adaptkit.methods.tent import Tent
+
+__all__ = ["BNAdapt", "Tent"]
