@@ -112,11 +112,7 @@ def stage_names(model: nn.Module) -> list[str]:
     enc = getattr(model, "encoder", None)
     if isinstance(enc, nn.Module) and isinstance(getattr(enc, "layers", None), nn.Sequential):
         return [f"encoder.layers.{k}" for k, _ in enc.layers.named_children()]
-    if isinstance(model, nn.Sequential) or not children:
-        items = list(children.items())
-    else:
-        items = list(children.items())
-    items = [(k, m) for k, m in items if any(True for _ in m.parameters())]
+    items = [(k, m) for k, m in children.items() if any(True for _ in m.parameters())]
     if len(items) > 1 and isinstance(items[-1][1], nn.Linear):
         items = items[:-1]
     return [k for k, _ in items]
