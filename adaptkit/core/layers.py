@@ -77,6 +77,29 @@ def _feature_info_modules(model: nn.Module) -> list[str] | None:
     return names or None
 
 
+_OP_PREFIXES = {"conv", "norm", "bn", "relu", "act", "pool", "fc", "drop", "dropout", "linear", "head", "classifier"}
+
+
+def _numbered_blocks(container: nn.Module, prefix: str = "") -> list[str]:
+    """Stage names from numbered block children (``layer1..4``, ``denseblock1..4``), preceded by the last
+    child before the first block (the stem output), or ``[]`` when there are no such children."""
+    names = [k for k, _ in container.named_children()]
+    groups: dict[str, list[tuple[int, str]]] = {}
+    for k in names:
+        m = re.fullmatch(r"([A-Za-z_]+?)_?(\d+)", k)
+        if m and m.group(1).lower() not in _OP_PREFIXES:
+            groups.setdefault(m.group(1), []).append((int(m.group(2)), k))
+    if not groups:
+        return []
+    best = max(groups.values(), key=len)
+    if len(best) < 2:
+        return []
+    blocks = [k for _, k in sorted(best)]
+    first = names.index(blocks[0])
+    stem = [names[first - 1]] if first > 0 else []
+    return [prefix + k for k in stem + blocks]
+
+
 def stage_names(model: nn.Module) -> list[str]:
     """Qualified names of the model's feature stages, in forward order; ``layer=i`` selects entry ``i``.
 
@@ -97,14 +120,12 @@ def stage_names(model: nn.Module) -> list[str]:
     if fi is not None:
         return fi
     children = dict(model.named_children())
-    res = sorted((k for k in children if re.fullmatch(r"layer\d+", k)), key=lambda k: int(k[5:]))
-    if res:
-        order = list(children)
-        before = [k for k in order[: order.index(res[0])] if not re.fullmatch(r"layer\d+", k)]
-        return ([before[-1]] if before else []) + res
+    blocks = _numbered_blocks(model)
+    if blocks:
+        return blocks
     feats = children.get("features")
     if isinstance(feats, nn.Sequential) and len(feats) > 1:
-        return [f"features.{k}" for k, _ in feats.named_children()]
+        return _numbered_blocks(feats, "features.") or [f"features.{k}" for k, _ in feats.named_children()]
     trunk = children.get("trunk_output")
     if isinstance(trunk, nn.Sequential):
         stem = ["stem"] if "stem" in children else []
