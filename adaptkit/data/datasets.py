@@ -1,0 +1,278 @@
+"""Datasets from disk: Fashion-MNIST (IDX), CIFAR-10-C / CIFAR-100-C (.npy), ImageNet-C (folders), and a
+corrupted-on-the-fly view of any clean dataset with an on-disk cache.
+
+No function here downloads anything unless asked (``download=True`` for Fashion-MNIST via torchvision).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.utils.data import Dataset
+
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+_IDX_DTYPES = {0x08: torch.uint8, 0x09: torch.int8, 0x0B: torch.int16, 0x0C: torch.int32, 0x0D: torch.float32}
+
+
+def read_idx(path: str | os.PathLike[str]) -> torch.Tensor:
+    """Read an IDX file (MNIST format, optionally ``.gz``) into a tensor.
+
+    Example:
+        >>> import gzip, struct, tempfile, os
+        >>> from adaptkit.data.datasets import read_idx
+        >>> p = os.path.join(tempfile.mkdtemp(), "x-idx1-ubyte.gz")
+        >>> with gzip.open(p, "wb") as f:
+        ...     _ = f.write(struct.pack(">HBBI", 0, 0x08, 1, 3) + bytes([7, 8, 9]))
+        >>> read_idx(p).tolist()
+        [7, 8, 9]
+    """
+    opener: Callable[..., Any] = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    zero, code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or code not in _IDX_DTYPES:
+        raise ValueError(f"{path} is not an IDX file (magic {zero:#x}, type {code:#x})")
+    shape = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
+    dtype = _IDX_DTYPES[code]
+    t = torch.frombuffer(bytearray(data[4 + 4 * ndim :]), dtype=dtype)
+    if dtype != torch.uint8 and dtype != torch.int8:
+        t = t.view(torch.uint8).view(-1, t.element_size()).flip(1).reshape(-1).view(dtype)  # big-endian
+    return t.reshape(shape).clone()
+
+
+def _find_idx(root: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        for cand in (root / name, root / "fashion-mnist" / name, root / "FashionMNIST" / "raw" / name):
+            if cand.is_file():
+                return cand
+    return None
+
+
+def fashion_mnist_roots(root: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Folders searched for Fashion-MNIST IDX files: ``root``, ``$ADAPTKIT_DATA``, Debian's package folder."""
+    roots = [Path(root)] if root is not None else []
+    if os.environ.get("ADAPTKIT_DATA"):
+        roots.append(Path(os.environ["ADAPTKIT_DATA"]))
+    roots.append(Path(DEBIAN_FASHION_MNIST))
+    return roots
+
+
+class FashionMNIST(Dataset):
+    """Fashion-MNIST from IDX files, as float images ``(1, 28, 28)`` in ``[0, 1]`` and integer labels.
+
+    Search order: ``root``, ``$ADAPTKIT_DATA``, ``/usr/share/datasets/fashion-mnist`` (Debian package
+    ``dataset-fashion-mnist``); otherwise torchvision's download when ``download=True``. ``images``
+    (uint8 ``(N, 1, 28, 28)``) and ``targets`` give the whole split as tensors for fast batched use.
+
+    Args:
+        root: a folder holding ``{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]``.
+        train: the 60k training split, else the 10k test split.
+        download: fall back to ``torchvision.datasets.FashionMNIST(download=True)`` into ``root``.
+    """
+
+    classes = FASHION_MNIST_CLASSES
+
+    def __init__(self, root: str | os.PathLike[str] | None = None, train: bool = False, download: bool = False):
+        prefix = "train" if train else "t10k"
+        for r in fashion_mnist_roots(root):
+            img, lab = _find_idx(r, f"{prefix}-images-idx3-ubyte"), _find_idx(r, f"{prefix}-labels-idx1-ubyte")
+            if img is not None and lab is not None:
+                self.images = read_idx(img).unsqueeze(1)
+                self.targets = read_idx(lab).long()
+                self.source = str(img.parent)
+                return
+        if not download:
+            searched = ", ".join(str(r) for r in fashion_mnist_roots(root))
+            raise FileNotFoundError(
+                f"Fashion-MNIST IDX files not found (searched {searched}). Install them with "
+                "`apt-get install dataset-fashion-mnist`, set $ADAPTKIT_DATA to a folder holding them, or pass "
+                "download=True (needs internet)."
+            )
+        import torchvision
+
+        target = Path(root or os.environ.get("ADAPTKIT_DATA") or Path.home() / ".cache" / "adaptkit")
+        try:
+            ds = torchvision.datasets.FashionMNIST(str(target), train=train, download=True)
+        except Exception as e:  # offline
+            raise RuntimeError(
+                f"could not download Fashion-MNIST ({e}); this machine may be offline. Install the Debian package "
+                "dataset-fashion-mnist or copy the IDX files to $ADAPTKIT_DATA."
+            ) from e
+        self.images = ds.data.unsqueeze(1).clone()
+        self.targets = ds.targets.long().clone()
+        self.source = str(target)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i].float() / 255.0, int(self.targets[i])
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole split as ``(float images in [0,1], labels)``."""
+        return self.images.float() / 255.0, self.targets
+
+
+class CIFARC(Dataset):
+    """CIFAR-10-C / CIFAR-100-C from the released ``.npy`` layout.
+
+    ``<root>/<corruption>.npy`` holds ``(5 * n, 32, 32, 3)`` uint8 images, severities 1-5 in blocks of
+    ``n`` (10,000 in the release); ``<root>/labels.npy`` the matching labels.
+
+    Args:
+        root: the extracted ``CIFAR-10-C`` (or ``CIFAR-100-C``) folder.
+        corruption: e.g. ``"gaussian_noise"``.
+        severity: 1-5.
+        n: images per severity (inferred from the file when ``None``).
+    """
+
+    def __init__(self, root: str | os.PathLike[str], corruption: str, severity: int, n: int | None = None):
+        import numpy as np
+
+        root = Path(root)
+        path = root / f"{corruption}.npy"
+        if not path.is_file():
+            have = sorted(p.stem for p in root.glob("*.npy") if p.stem != "labels")
+            raise FileNotFoundError(f"{path} not found; corruptions in {root}: {have or 'none'}")
+        if not 1 <= int(severity) <= 5:
+            raise ValueError(f"severity must be 1..5, got {severity}")
+        arr = np.load(path, mmap_mode="r")
+        labels = np.load(root / "labels.npy")
+        n = n or arr.shape[0] // 5
+        lo, hi = (int(severity) - 1) * n, int(severity) * n
+        self.images = torch.from_numpy(np.ascontiguousarray(arr[lo:hi])).permute(0, 3, 1, 2).contiguous()
+        self.targets = torch.from_numpy(np.asarray(labels[lo:hi])).long()
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i].float() / 255.0, int(self.targets[i])
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole split as ``(float images in [0,1], labels)``."""
+        return self.images.float() / 255.0, self.targets
+
+
+def imagenet_c(
+    root: str | os.PathLike[str], corruption: str, severity: int, transform: Callable[[Any], Any] | None = None
+) -> Dataset:
+    """ImageNet-C from its folder layout ``<root>/<corruption>/<severity>/<wnid>/*.JPEG`` (a torchvision
+    ``ImageFolder``; default transform: center crop 224 and ``ToTensor``, no normalisation - put that in
+    the model)."""
+    import torchvision
+    from torchvision import transforms as T
+
+    path = Path(root) / corruption / str(int(severity))
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} not found: expected <root>/<corruption>/<severity>/<class>/*.JPEG")
+    transform = transform or T.Compose([T.CenterCrop(224), T.ToTensor()])
+    return torchvision.datasets.ImageFolder(str(path), transform=transform)
+
+
+class CorruptedDataset(Dataset):
+    """A clean tensor dataset corrupted on the fly (once, in batches) with an optional on-disk cache.
+
+    Args:
+        images: clean float images ``(N, C, H, W)`` in ``[0, 1]`` (or uint8).
+        targets: labels ``(N,)``.
+        corruption: a name from ``adaptkit.data.corruptions``.
+        severity: 1-5.
+        seed: the corruption randomness (the same seed gives the same images).
+        cache_dir: where to keep the corrupted uint8 tensor (keyed by data hash, corruption, severity,
+            seed and preset); ``None`` disables the cache.
+        batch_size: images corrupted per call.
+        preset: corruption constants (``"auto"`` picks by image size).
+        device: where to run the corruption.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        corruption: str,
+        severity: int,
+        seed: int = 0,
+        cache_dir: str | os.PathLike[str] | None = None,
+        batch_size: int = 500,
+        preset: str = "auto",
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.targets = targets
+        self.corruption, self.severity, self.seed = corruption, int(severity), int(seed)
+        key = None
+        if cache_dir is not None:
+            h = hashlib.sha1(images.contiguous().cpu().numpy().tobytes()[: 1 << 22])
+            h.update(f"{images.shape}|{corruption}|{severity}|{seed}|{preset}".encode())
+            key = Path(cache_dir) / f"{corruption}-s{severity}-seed{seed}-{h.hexdigest()[:16]}.pt"
+            if key.is_file():
+                self.images = torch.load(key, weights_only=True)
+                return
+        self.images = corrupt_tensor(images, corruption, severity, seed, batch_size, preset, device)
+        if key is not None:
+            key.parent.mkdir(parents=True, exist_ok=True)
+            tmp = key.with_suffix(".tmp")
+            torch.save(self.images, tmp)
+            tmp.replace(key)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i].float() / 255.0, int(self.targets[i])
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole split as ``(float images in [0,1], labels)``."""
+        return self.images.float() / 255.0, self.targets
+
+
+def corrupt_tensor(
+    images: torch.Tensor,
+    corruption: str,
+    severity: int,
+    seed: int = 0,
+    batch_size: int = 500,
+    preset: str = "auto",
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """Corrupt a whole image tensor in batches; returns uint8 ``(N, C, H, W)`` (8-bit, like the released sets)."""
+    from adaptkit.data.corruptions import corrupt
+
+    gen = torch.Generator(device=device).manual_seed(int(seed))
+    out = []
+    for lo in range(0, len(images), batch_size):
+        x = images[lo : lo + batch_size].to(device)
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        y = corrupt(x, corruption, severity, generator=gen, preset=preset)
+        out.append((y.clamp(0, 1) * 255.0).round().to(torch.uint8).cpu())
+    return torch.cat(out) if out else torch.empty(0, *images.shape[1:], dtype=torch.uint8)
+
+
+def subset(images: torch.Tensor, targets: torch.Tensor, n: int | None, seed: int = 0) -> tuple[Any, Any]:
+    """A seeded random subset of ``n`` items (all when ``n`` is ``None`` or too large)."""
+    if n is None or n >= len(targets):
+        return images, targets
+    idx = torch.randperm(len(targets), generator=torch.Generator().manual_seed(seed))[:n]
+    return images[idx], targets[idx]
+
+
+__all__: Sequence[str] = [
+    "CIFARC",
+    "CorruptedDataset",
+    "FashionMNIST",
+    "corrupt_tensor",
+    "fashion_mnist_roots",
+    "imagenet_c",
+    "read_idx",
+    "subset",
+]
