@@ -1,0 +1,176 @@
+"""Models for ``adaptkit bench``: the built-in Fashion-MNIST source model (trained once, cached) and
+torchvision / timm / checkpoint loading."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def cache_dir() -> Path:
+    """``$ADAPTKIT_CACHE`` or ``~/.cache/adaptkit``."""
+    return Path(os.environ.get("ADAPTKIT_CACHE") or Path.home() / ".cache" / "adaptkit")
+
+
+class _Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class SmallResNet(nn.Module):
+    """A small BN ResNet for 28-32 px images: stem, ``layer1..3`` (one basic block each), pool, fc.
+
+    Inputs are images in ``[0, 1]``; the normalisation is part of the model (``mean``/``std`` buffers).
+
+    Example:
+        >>> import torch
+        >>> from adaptkit.bench.models import SmallResNet
+        >>> SmallResNet(in_channels=1, num_classes=10)(torch.rand(2, 1, 28, 28)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(
+        self, in_channels: int = 1, num_classes: int = 10, width: int = 32, mean: float = 0.286, std: float = 0.353
+    ) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean), persistent=False)
+        self.register_buffer("std", torch.tensor(std), persistent=False)
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU()
+        self.layer1 = _Block(width, width, 1)
+        self.layer2 = _Block(width, 2 * width, 2)
+        self.layer3 = _Block(2 * width, 4 * width, 2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - self.mean) / self.std
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(self.pool(x).flatten(1))
+
+
+def _progress(it: Any, total: int, desc: str, enabled: bool = True) -> Any:
+    if not enabled:
+        return it
+    try:
+        from tqdm.auto import tqdm
+
+        return tqdm(it, total=total, desc=desc, leave=False)
+    except ImportError:
+        return it
+
+
+def train_classifier(
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    epochs: int = 3,
+    batch_size: int = 128,
+    lr: float = 0.05,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train ``model`` with SGD (momentum 0.9, cosine schedule, light crop/flip augmentation).
+
+    Returns a history dict (``loss`` per epoch, ``seconds``).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model.to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    steps = epochs * ((len(targets) + batch_size - 1) // batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.15)
+    history: dict[str, Any] = {"loss": []}
+    t0 = time.perf_counter()
+    for ep in range(epochs):
+        perm = torch.randperm(len(targets), generator=gen)
+        total, count = 0.0, 0
+        batches = range(0, len(perm), batch_size)
+        for lo in _progress(batches, len(batches), f"train source model, epoch {ep + 1}/{epochs}", progress):
+            idx = perm[lo : lo + batch_size]
+            x = images[idx].to(device)
+            x = x.float() / 255.0 if x.dtype == torch.uint8 else x
+            y = targets[idx].to(device)
+            pad = F.pad(x, (2, 2, 2, 2), mode="replicate")
+            i, j = torch.randint(0, 5, (2,), generator=gen).tolist()
+            x = pad[..., i : i + x.shape[-2], j : j + x.shape[-1]]
+            if torch.rand((), generator=gen) < 0.5:
+                x = x.flip(-1)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(idx)
+            count += len(idx)
+        history["loss"].append(total / max(count, 1))
+    history["seconds"] = time.perf_counter() - t0
+    model.eval()
+    return history
+
+
+def fmnist_source_model(
+    epochs: int = 3, seed: int = 0, width: int = 32, device: str | torch.device = "cpu", progress: bool = True
+) -> nn.Module:
+    """The built-in Fashion-MNIST source model: a :class:`SmallResNet` trained on the 60k training images,
+    cached under :func:`cache_dir` after the first call (weights-only checkpoint)."""
+    from adaptkit.data.datasets import FashionMNIST
+
+    path = cache_dir() / "models" / f"fmnist_smallresnet_w{width}_e{epochs}_s{seed}.pt"
+    model = SmallResNet(1, 10, width)
+    if path.is_file():
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return model.eval()
+    train = FashionMNIST(train=True)
+    if progress:
+        print(f"training the built-in Fashion-MNIST source model ({epochs} epochs, cached at {path}) ...")
+    train_classifier(model, train.images, train.targets, epochs=epochs, seed=seed, device=device, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(model.cpu().state_dict(), tmp)
+    tmp.replace(path)
+    return model.eval()
+
+
+def load_model(name: str, num_classes: int | None = None, checkpoint: str | None = None, **kw: Any) -> nn.Module:
+    """A model by name: ``fmnist_resnet`` (built-in), a torchvision name, or ``timm:<name>`` / a timm name.
+
+    Random weights unless ``checkpoint`` (a state dict file, loaded with ``weights_only=True``) is given.
+    """
+    if name in ("fmnist_resnet", "fmnist-resnet"):
+        return fmnist_source_model(**kw)
+    import torchvision
+
+    extra = {} if num_classes is None else {"num_classes": num_classes}
+    model: nn.Module
+    if not name.startswith("timm:") and name in torchvision.models.list_models():
+        model = torchvision.models.get_model(name, weights=None, **extra)
+    else:
+        import timm
+
+        model = timm.create_model(name.removeprefix("timm:"), pretrained=False, **extra)
+    if checkpoint:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
+    return model.eval()

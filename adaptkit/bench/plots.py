@@ -1,0 +1,138 @@
+"""Figures for bench reports (matplotlib, imported lazily: ``pip install adaptkit[bench]``)."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def pearson(xs: list[float], ys: list[float]) -> float:
+    """Pearson correlation (``nan`` with fewer than 2 points or zero variance).
+
+    Example:
+        >>> from adaptkit.bench.plots import pearson
+        >>> round(pearson([1, 2, 3], [2, 4, 6.5]), 3)
+        0.999
+    """
+    n = len(xs)
+    if n < 2:
+        return math.nan
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(xs, ys))
+    sxx = sum((a - mx) ** 2 for a in xs)
+    syy = sum((b - my) ** 2 for b in ys)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else math.nan
+
+
+def make_plots(result: Any, out: Path) -> list[Path]:
+    """Per-corruption bars, accuracy vs severity, shift score vs source error (with correlation), and for
+    sweeps accuracy vs the swept method parameter per batch size / severity."""
+    plt = _plt()
+    rows = [r for r in result.rows if r["domain"] != "clean"]
+    cfg = result.config
+    paths: list[Path] = []
+    if not rows:
+        return paths
+    if cfg.sweep:
+        paths += _sweep_plots(plt, rows, cfg, out)
+        return paths
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    # per-corruption bars (mean over severities)
+    acc: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for r in rows:
+        acc[(r["method"], r["corruption"])].append(r["accuracy"])
+    corrs = list(dict.fromkeys(r["corruption"] for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(corrs) * max(1, len(methods) / 2)), 4))
+    w = 0.8 / len(methods)
+    for k, m in enumerate(methods):
+        vals = [sum(acc[(m, c)]) / len(acc[(m, c)]) if acc[(m, c)] else 0 for c in corrs]
+        ax.bar([i + k * w for i in range(len(corrs))], vals, w, label=m)
+    ax.set_xticks([i + 0.4 - w / 2 for i in range(len(corrs))])
+    ax.set_xticklabels(corrs, rotation=45, ha="right")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"{cfg.dataset}, {cfg.protocol}, batch {cfg.batch_size}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(_save(fig, out / "corruption_bars.png", plt))
+    # accuracy vs severity
+    sevs = sorted({r["severity"] for r in rows})
+    if len(sevs) > 1:
+        fig, ax = plt.subplots(figsize=(5, 4))
+        for m in methods:
+            ys = [_mean([r["accuracy"] for r in rows if r["method"] == m and r["severity"] == s]) for s in sevs]
+            ax.plot(sevs, ys, marker="o", label=m)
+        ax.set_xlabel("severity")
+        ax.set_ylabel("mean accuracy (%)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(_save(fig, out / "accuracy_vs_severity.png", plt))
+    # shift score vs error
+    if result.shift:
+        fig, ax = plt.subplots(figsize=(5, 4))
+        for m in methods:
+            pts = [
+                (result.shift[r["domain"]], r["error"])
+                for r in rows
+                if r["method"] == m and r["domain"] in result.shift
+            ]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.scatter(xs, ys, s=14, label=f"{m} (r={pearson(list(xs), list(ys)):.2f})")
+        ax.set_xlabel("shift score (W2 between source and test BN statistics)")
+        ax.set_ylabel("error (%)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(_save(fig, out / "shift_vs_error.png", plt))
+    return paths
+
+
+def _mean(v: list[float]) -> float:
+    return sum(v) / len(v) if v else math.nan
+
+
+def _sweep_plots(plt: Any, rows: list[dict[str, Any]], cfg: Any, out: Path) -> list[Path]:
+    paths = []
+    param_keys = [k for k in cfg.sweep if "." in k]
+    other = [k for k in cfg.sweep if "." not in k]
+    for pk in param_keys:
+        meth = pk.split(".")[0]
+        sub = [r for r in rows if r["base_method"] == meth]
+        panels = sorted({tuple(r.get(k) for k in other if k != "batch_size") for r in sub}, key=str)
+        fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.5 * max(1, len(panels)), 3.8), squeeze=False)
+        for ax, panel in zip(axes[0], panels):
+            keep = [r for r in sub if tuple(r.get(k) for k in other if k != "batch_size") == panel]
+            for bs in sorted({r["batch_size"] for r in keep}):
+                pts = defaultdict(list)
+                for r in keep:
+                    if r["batch_size"] == bs:
+                        pts[r[pk]].append(r["accuracy"])
+                xs = sorted(pts, key=lambda v: float(v))
+                labels = ["inf" if math.isinf(float(v)) else str(v) for v in xs]
+                ax.plot(range(len(xs)), [_mean(pts[v]) for v in xs], marker="o", label=f"batch {bs}")
+                ax.set_xticks(range(len(xs)))
+                ax.set_xticklabels(labels)
+            title = ", ".join(f"{k}={v}" for k, v in zip([k for k in other if k != "batch_size"], panel))
+            ax.set_title(title or meth)
+            ax.set_xlabel(pk)
+            ax.set_ylabel("mean accuracy (%)")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(_save(fig, out / f"sweep_{pk.replace('.', '_')}.png", plt))
+    return paths
+
+
+def _save(fig: Any, path: Path, plt: Any) -> Path:
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,286 @@
+"""The benchmark runner: methods x corruptions x severities under a stream protocol."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import platform
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+import adaptkit
+from adaptkit.bench.models import _progress, cache_dir, load_model
+from adaptkit.bench.spec import MethodSpec
+from adaptkit.data.streams import Domain, make_stream
+
+DEFAULT_METHODS = ("source", "bn_adapt:N=0", "bn_adapt:N=16", "tent")
+
+
+def _default_corruptions() -> list[str]:
+    from adaptkit.data.corruptions import CORRUPTIONS
+
+    return list(CORRUPTIONS)
+
+
+@dataclass
+class BenchConfig:
+    """Every setting of a benchmark run (recorded verbatim in the report).
+
+    Attributes:
+        model: ``fmnist_resnet`` (built-in, trained once and cached), a torchvision name or a timm name.
+        checkpoint: a state-dict file for ``model``.
+        dataset: ``fashion_mnist`` (clean test set corrupted on the fly), ``cifar10c`` / ``cifar100c`` /
+            ``imagenet_c`` (released files under ``data_root``) or ``synthetic`` (tiny generated data, for tests).
+        methods: method specs, e.g. ``["source", "bn_adapt:N=16", "tent:lr=1e-3"]``.
+        corruptions / severities: the shifts to evaluate.
+        protocol: ``reset_each_shift``, ``continual``, ``gradual`` or ``mixed``.
+        batch_size: test batch size (1 allowed).
+        n_samples: images per domain (``None``: all).
+        dirichlet: non-i.i.d. label order with this Dirichlet concentration (``None``: shuffled i.i.d.).
+        seed: seeds corruptions, subsets, stream order and adaptation.
+        sweep: ``{"bn_adapt.N": [0, 16], "batch_size": [8, 32], "severity": [1, 5]}``: the cartesian product
+            of these values is run.
+    """
+
+    model: str = "fmnist_resnet"
+    checkpoint: str | None = None
+    num_classes: int | None = None
+    dataset: str = "fashion_mnist"
+    data_root: str | None = None
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    corruptions: list[str] = field(default_factory=_default_corruptions)
+    severities: list[int] = field(default_factory=lambda: [5])
+    protocol: str = "reset_each_shift"
+    batch_size: int = 64
+    n_samples: int | None = None
+    dirichlet: float | None = None
+    seed: int = 0
+    device: str = "cpu"
+    amp: bool = False
+    clean: bool = True
+    shift_score: bool = True
+    sweep: dict[str, list[Any]] = field(default_factory=dict)
+    source_epochs: int = 3
+    progress: bool = True
+    out_dir: str | None = None
+
+
+@dataclass
+class BenchResult:
+    """Rows (one per method x domain x sweep point), shift scores per domain, config and environment."""
+
+    config: BenchConfig
+    rows: list[dict[str, Any]]
+    shift: dict[str, float]
+    env: dict[str, Any]
+    out_dir: Path | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        cfg = asdict(self.config)
+        return {"config": cfg, "env": self.env, "rows": self.rows, "shift": self.shift}
+
+
+def _env(config: BenchConfig) -> dict[str, Any]:
+    return {
+        "adaptkit": adaptkit.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+        "device": config.device,
+        "cuda": torch.cuda.get_device_name(0) if config.device.startswith("cuda") else None,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def synthetic_data(n: int = 256, size: int = 28, classes: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tiny learnable grayscale data: class k is a bright square in quadrant k on a textured background."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % classes
+    x = 0.2 + 0.1 * torch.rand(n, 1, size, size, generator=gen)
+    h = size // 2
+    for k in range(classes):
+        i, j = (k // 2) * h, (k % 2) * h
+        x[y == k, :, i + 2 : i + h - 2, j + 2 : j + h - 2] += 0.6
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
+
+
+def _clean_data(config: BenchConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if config.dataset in ("fashion_mnist", "fmnist"):
+        from adaptkit.data.datasets import FashionMNIST
+
+        ds = FashionMNIST(config.data_root, train=False)
+        return ds.images, ds.targets
+    if config.dataset == "synthetic":
+        return synthetic_data(seed=config.seed + 1)
+    return None
+
+
+def build_model(config: BenchConfig) -> nn.Module:
+    """The source model of a run (the built-in one is trained on first use and cached)."""
+    if config.model in ("fmnist_resnet", "fmnist-resnet") and config.dataset == "synthetic":
+        from adaptkit.bench.models import SmallResNet, train_classifier
+
+        path = cache_dir() / "models" / f"synthetic_w8_s{config.seed}.pt"
+        model = SmallResNet(1, 4, width=8, mean=0.4, std=0.25)
+        if path.is_file():
+            model.load_state_dict(torch.load(path, weights_only=True))
+        else:
+            x, y = synthetic_data(seed=config.seed)
+            train_classifier(model, x, y, epochs=3, batch_size=32, lr=0.05, seed=config.seed, progress=False)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(model.state_dict(), path)
+        return model.eval()
+    kw: dict[str, Any] = {}
+    if config.model in ("fmnist_resnet", "fmnist-resnet"):
+        kw = {"epochs": config.source_epochs, "seed": config.seed, "progress": config.progress}
+    return load_model(config.model, config.num_classes, config.checkpoint, **kw)
+
+
+def build_domains(config: BenchConfig) -> tuple[list[Domain], Domain | None]:
+    """The shifted test sets (and the clean one when available) of a run."""
+    from adaptkit.data.datasets import CIFARC, CorruptedDataset, imagenet_c, subset
+
+    domains: list[Domain] = []
+    clean = _clean_data(config)
+    if clean is not None:
+        x, y = subset(*clean, config.n_samples, config.seed)
+        cache = cache_dir() / "corrupted" / config.dataset
+        pairs = list(itertools.product(config.corruptions, config.severities))
+        for c, s in _progress(pairs, len(pairs), "corrupting test data", config.progress):
+            ds = CorruptedDataset(x, y, c, s, seed=config.seed, cache_dir=cache)
+            domains.append(Domain(f"{c}-{s}", ds.images, y, c, s))
+        return domains, Domain("clean", x, y, "clean", 0)
+    if config.data_root is None:
+        raise ValueError(f"dataset {config.dataset!r} needs --data-root pointing at the released files")
+    for c, s in itertools.product(config.corruptions, config.severities):
+        if config.dataset in ("cifar10c", "cifar100c"):
+            ds = CIFARC(config.data_root, c, s)
+            x, y = subset(ds.images, ds.targets, config.n_samples, config.seed)
+        elif config.dataset == "imagenet_c":
+            folder = imagenet_c(config.data_root, c, s)
+            n = len(folder) if config.n_samples is None else min(config.n_samples, len(folder))
+            items = [folder[i] for i in range(n)]
+            x = torch.stack([a for a, _ in items])
+            y = torch.tensor([b for _, b in items])
+        else:
+            raise ValueError(f"unknown dataset {config.dataset!r}")
+        domains.append(Domain(f"{c}-{s}", x, y, c, s))
+    return domains, None
+
+
+def _sweep_points(sweep: dict[str, list[Any]]) -> Iterator[dict[str, Any]]:
+    if not sweep:
+        yield {}
+        return
+    keys = list(sweep)
+    for values in itertools.product(*(sweep[k] for k in keys)):
+        yield dict(zip(keys, values))
+
+
+def _apply_point(spec: MethodSpec, point: dict[str, Any]) -> MethodSpec:
+    over = dict(spec.overrides)
+    for k, v in point.items():
+        meth, dot, param = k.partition(".")
+        if dot and meth.replace("-", "_") == spec.name:
+            over[param] = v
+    return MethodSpec(spec.name, over)
+
+
+def evaluate(
+    model: nn.Module,
+    spec: MethodSpec,
+    domains: Sequence[Domain],
+    config: BenchConfig,
+    batch_size: int,
+) -> dict[str, dict[str, float]]:
+    """Run one method over a stream of ``domains``; returns ``{domain: {correct, n, seconds}}``."""
+    device = torch.device(config.device)
+    wrapper = None if spec.name == "source" else adaptkit.adapt(model, spec.name, **spec.overrides)
+    stats: dict[str, dict[str, float]] = {}
+    amp = (
+        torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16)
+        if config.amp
+        else contextlib.nullcontext()
+    )
+    torch.manual_seed(config.seed)
+    try:
+        stream = make_stream(config.protocol, domains, batch_size, config.seed, config.dirichlet)
+        total = sum(math.ceil(len(d.y) / batch_size) for d in domains)
+        for batch in _progress(stream, total, spec.label, config.progress):
+            t0 = time.perf_counter()
+            x = batch.x.to(device)
+            with amp:
+                if wrapper is None:
+                    with torch.no_grad():
+                        out = model(x)
+                else:
+                    if batch.reset:
+                        wrapper.reset()
+                    out = wrapper(x)
+            pred = adaptkit.core.get_logits(out).argmax(1).cpu()
+            s = stats.setdefault(batch.domain, {"correct": 0.0, "n": 0.0, "seconds": 0.0})
+            s["correct"] += float((pred == batch.y).sum())
+            s["n"] += len(batch.y)
+            s["seconds"] += time.perf_counter() - t0
+    finally:
+        if wrapper is not None:
+            wrapper.restore()
+    return stats
+
+
+def run_bench(config: BenchConfig, write: bool = True) -> BenchResult:
+    """Run a benchmark and (with ``write``) write its report directory.
+
+    Example:
+        >>> from adaptkit.bench import BenchConfig, run_bench
+        >>> cfg = BenchConfig(dataset="synthetic", corruptions=["gaussian_noise"], severities=[5],
+        ...                   methods=["source", "bn_adapt:N=0"], batch_size=32, progress=False)
+        >>> res = run_bench(cfg, write=False)
+        >>> sorted({r["method"] for r in res.rows})
+        ['bn_adapt(N=0)', 'source']
+    """
+    torch.manual_seed(config.seed)
+    model = build_model(config).to(config.device)
+    domains, clean = build_domains(config)
+    shift: dict[str, float] = {}
+    if config.shift_score and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        for d in domains:
+            xs = (d.x[i : i + 256] for i in range(0, min(len(d.x), 1024), 256))
+            xs = (b.float() / 255.0 if b.dtype == torch.uint8 else b for b in xs)
+            shift[d.name] = adaptkit.shift_score(model, (b.to(config.device) for b in xs)).mean
+    rows: list[dict[str, Any]] = []
+    specs = [MethodSpec.parse(m) for m in config.methods]
+    for point in _sweep_points(config.sweep):
+        bs = int(point.get("batch_size", config.batch_size))
+        sev = point.get("severity")
+        doms = [d for d in domains if sev is None or d.severity == int(sev)]
+        for spec0 in specs:
+            spec = _apply_point(spec0, point)
+            groups = [doms] + ([[clean]] if clean is not None and config.clean and sev is None else [])
+            for group in groups:
+                for dom, s in evaluate(model, spec, group, config, bs).items():
+                    d = next((x for x in group if x.name == dom), None)
+                    acc = 100.0 * s["correct"] / max(s["n"], 1)
+                    rows.append({
+                        "method": spec.label, "base_method": spec.name, "domain": dom,
+                        "corruption": d.corruption if d else dom, "severity": d.severity if d else 0,
+                        "accuracy": acc, "error": 100.0 - acc, "n": int(s["n"]), "batch_size": bs,
+                        "seconds": s["seconds"], "protocol": config.protocol, **point,
+                    })  # fmt: skip
+    result = BenchResult(config, rows, shift, _env(config))
+    if write:
+        from adaptkit.bench.report import write_report
+
+        out = Path(config.out_dir or Path("reports") / time.strftime("bench-%Y%m%d-%H%M%S"))
+        write_report(result, out)
+        result.out_dir = out
+    return result
