@@ -23,7 +23,7 @@ def pearson(xs: list[float], ys: list[float]) -> float:
     Example:
         >>> from adaptkit.bench.plots import pearson
         >>> round(pearson([1, 2, 3], [2, 4, 6.5]), 3)
-        0.999
+        0.998
     """
     n = len(xs)
     if n < 2:

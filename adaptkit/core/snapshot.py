@@ -27,7 +27,7 @@ class Snapshot:
         >>> net = nn.Sequential(nn.BatchNorm1d(2))
         >>> snap = Snapshot(net, ["0.weight"], ["0"])
         >>> with torch.no_grad():
-        ...     net[0].weight.add_(1.0)
+        ...     _ = net[0].weight.add_(1.0)
         >>> snap.restore_tensors(); net[0].weight.tolist()
         [1.0, 1.0]
     """

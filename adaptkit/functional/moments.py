@@ -159,8 +159,9 @@ def gaussian_w2(
     Example:
         >>> import torch
         >>> from adaptkit.functional import gaussian_w2
-        >>> float(gaussian_w2(torch.zeros(2), torch.ones(2), torch.full((2,), 3.0), torch.ones(2), normalize=False))
-        4.242640687119285
+        >>> d = gaussian_w2(torch.zeros(2), torch.ones(2), torch.full((2,), 3.0), torch.ones(2), normalize=False)
+        >>> round(float(d), 5)  # sqrt(2 * 3**2)
+        4.24264
     """
     sd_a, sd_b = var_a.clamp_min(0).sqrt(), var_b.clamp_min(0).sqrt()
     sq = (mean_a - mean_b).pow(2) + (sd_a - sd_b).pow(2)
