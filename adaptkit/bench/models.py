@@ -47,7 +47,7 @@ class SmallResNet(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int = 1, num_classes: int = 10, width: int = 32, mean: float = 0.286, std: float = 0.353
+        self, in_channels: int = 1, num_classes: int = 10, width: int = 16, mean: float = 0.286, std: float = 0.353
     ) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean), persistent=False)
@@ -130,7 +130,7 @@ def train_classifier(
 
 
 def fmnist_source_model(
-    epochs: int = 3, seed: int = 0, width: int = 32, device: str | torch.device = "cpu", progress: bool = True
+    epochs: int = 3, seed: int = 0, width: int = 16, device: str | torch.device = "cpu", progress: bool = True
 ) -> nn.Module:
     """The built-in Fashion-MNIST source model: a :class:`SmallResNet` trained on the 60k training images,
     cached under :func:`cache_dir` after the first call (weights-only checkpoint)."""

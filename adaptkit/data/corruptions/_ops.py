@@ -1,0 +1,304 @@
+"""Batched torch building blocks shared by the corruptions (padding, filters, resampling matrices, fractals).
+
+Everything here is pure torch, works on any device and takes explicit border modes named after the reference
+libraries: ``"reflect"`` is OpenCV's ``BORDER_REFLECT_101`` (``dcb|abcd|cba``, torch's ``reflect``),
+``"symmetric"`` is SciPy's ``mode="reflect"`` (``cba|abcd|dcb``) and ``"replicate"`` is SciPy / skimage
+``mode="nearest"`` (``aaa|abcd|ddd``). Padding is done by index gathering, so any pad width works, even one
+larger than the image (the pattern repeats as the reference libraries do).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+Generator = Optional[torch.Generator]
+GeneratorLike = Union[torch.Generator, int, None]
+
+# ITU-R BT.601 luma weights as used by ``cv2.cvtColor(..., COLOR_RGB2GRAY)`` and imagecorruptions' ``rgb2gray``.
+CV_GRAY = (0.299, 0.587, 0.114)
+IC_GRAY = (0.2989, 0.5870, 0.1140)
+
+
+# --------------------------------------------------------------------------------------------- random numbers
+def resolve_generator(generator: GeneratorLike, device: torch.device) -> Generator:
+    """Turn an int seed into a fresh ``torch.Generator`` on ``device``; pass generators and ``None`` through."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    if isinstance(generator, bool) or not isinstance(generator, int):
+        raise TypeError(f"generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}")
+    g = torch.Generator(device=device)
+    g.manual_seed(generator)
+    return g
+
+
+def _gen_device(gen: Generator, device: torch.device) -> torch.device:
+    return gen.device if gen is not None else device
+
+
+def rand(shape: tuple[int, ...], gen: Generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``U[0, 1)`` samples drawn on the generator's device, returned on ``device``."""
+    return torch.rand(shape, generator=gen, device=_gen_device(gen, device), dtype=dtype).to(device)
+
+
+def randn(shape: tuple[int, ...], gen: Generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Standard normal samples drawn on the generator's device, returned on ``device``."""
+    return torch.randn(shape, generator=gen, device=_gen_device(gen, device), dtype=dtype).to(device)
+
+
+def randint(low: int, high: int, shape: tuple[int, ...], gen: Generator, device: torch.device) -> torch.Tensor:
+    """Integers in ``[low, high)`` (NumPy ``randint`` convention), returned on ``device``."""
+    return torch.randint(low, high, shape, generator=gen, device=_gen_device(gen, device)).to(device)
+
+
+def uniform(
+    low: float, high: float, shape: tuple[int, ...], gen: Generator, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """``U[low, high)`` samples."""
+    return rand(shape, gen, device, dtype) * (high - low) + low
+
+
+def poisson(rates: torch.Tensor, gen: Generator) -> torch.Tensor:
+    """Poisson samples with the given rates, drawn on the generator's device."""
+    dev = _gen_device(gen, rates.device)
+    return torch.poisson(rates.to(dev), generator=gen).to(rates.device)
+
+
+# ---------------------------------------------------------------------------------------------------- padding
+def pad_index(n: int, before: int, after: int, mode: str, device: torch.device) -> torch.Tensor:
+    """Source indices of a length-``n`` axis padded by ``before`` / ``after`` with the given border mode."""
+    i = torch.arange(-before, n + after, device=device)
+    if mode == "replicate" or n == 1:
+        return i.clamp(0, n - 1)
+    if mode == "symmetric":
+        m = i.remainder(2 * n)
+        return torch.where(m >= n, 2 * n - 1 - m, m)
+    if mode == "reflect":
+        m = i.remainder(2 * n - 2)
+        return torch.where(m >= n, 2 * n - 2 - m, m)
+    raise ValueError(f"unknown border mode {mode!r}; use 'reflect', 'symmetric' or 'replicate'")
+
+
+def pad2d(x: torch.Tensor, ph: int, pw: int, mode: str) -> torch.Tensor:
+    """Pad the last two dimensions by ``ph`` rows and ``pw`` columns on each side."""
+    if mode == "constant":
+        return F.pad(x, (pw, pw, ph, ph))
+    h, w = x.shape[-2:]
+    if ph:
+        x = x.index_select(-2, pad_index(h, ph, ph, mode, x.device))
+    if pw:
+        x = x.index_select(-1, pad_index(w, pw, pw, mode, x.device))
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------- filters
+def gaussian_kernel1d(sigma: float, truncate: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """SciPy's ``gaussian_filter`` kernel: radius ``int(truncate * sigma + 0.5)``, normalised to sum 1."""
+    radius = int(truncate * float(sigma) + 0.5)
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64, device=device)
+    k = torch.exp(-0.5 * (t / float(sigma)) ** 2) if sigma > 0 else (t == 0).double()
+    return (k / k.sum()).to(dtype)
+
+
+def cv_gaussian_kernel1d(ksize: int, sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """OpenCV's ``getGaussianKernel(ksize, sigma)`` for ``sigma > 0``."""
+    t = torch.arange(ksize, dtype=torch.float64, device=device) - (ksize - 1) / 2
+    k = torch.exp(-(t**2) / (2 * float(sigma) ** 2))
+    return (k / k.sum()).to(dtype)
+
+
+def filter2d(x: torch.Tensor, kernel: torch.Tensor, mode: str) -> torch.Tensor:
+    """Correlate every channel of ``x`` (``(..., H, W)``) with one odd-sized 2-D ``kernel`` (OpenCV ``filter2D``)."""
+    kh, kw = kernel.shape[-2:]
+    shape = x.shape
+    y = pad2d(x.reshape(-1, 1, *shape[-2:]), kh // 2, kw // 2, mode)
+    y = F.conv2d(y, kernel.to(x.dtype).reshape(1, 1, kh, kw))
+    return y.reshape(shape)
+
+
+def separable_filter(x: torch.Tensor, kh: torch.Tensor, kw: torch.Tensor, mode: str) -> torch.Tensor:
+    """Correlate every channel of ``x`` with ``kh`` along rows and ``kw`` along columns."""
+    shape = x.shape
+    y = pad2d(x.reshape(-1, 1, *shape[-2:]), kh.numel() // 2, kw.numel() // 2, mode)
+    y = F.conv2d(y, kh.to(x.dtype).reshape(1, 1, -1, 1))
+    y = F.conv2d(y, kw.to(x.dtype).reshape(1, 1, 1, -1))
+    return y.reshape(shape)
+
+
+def gaussian_filter(x: torch.Tensor, sigma: float, truncate: float = 4.0, mode: str = "replicate") -> torch.Tensor:
+    """``skimage.filters.gaussian`` / ``scipy.ndimage.gaussian_filter`` over the last two dimensions.
+
+    Kernels wider than the image with ``mode="symmetric"`` are applied in the Fourier domain (exactly: the
+    symmetric extension is periodic), so very large sigmas (ImageNet-C elastic) stay cheap.
+    """
+    if sigma <= 0:
+        return x
+    k = gaussian_kernel1d(sigma, truncate, x.dtype, x.device)
+    h, w = x.shape[-2:]
+    if mode == "symmetric" and k.numel() // 2 >= min(h, w):
+        return _fft_symmetric_filter(_fft_symmetric_filter(x, k, -2), k, -1)
+    return separable_filter(x, k, k, mode)
+
+
+def _fft_symmetric_filter(x: torch.Tensor, k: torch.Tensor, dim: int) -> torch.Tensor:
+    """1-D correlation with SciPy ``mode="reflect"`` borders via a circular convolution of period ``2n``."""
+    n = x.shape[dim]
+    period = 2 * n
+    r = k.numel() // 2
+    folded = torch.zeros(period, dtype=k.dtype, device=k.device)
+    folded.index_add_(0, torch.arange(-r, r + 1, device=k.device).remainder(period), k)
+    ext = torch.cat([x, x.flip(dim)], dim=dim)
+    spec = torch.fft.rfft(ext.movedim(dim, -1), dim=-1) * torch.fft.rfft(folded.flip(0).roll(r + 1), dim=-1)
+    # correlation with a symmetric kernel equals convolution; roll puts tap 0 at index 0
+    out = torch.fft.irfft(spec, n=period, dim=-1)[..., :n]
+    return out.movedim(-1, dim).to(x.dtype)
+
+
+def box_blur3(x: torch.Tensor) -> torch.Tensor:
+    """``cv2.blur(x, (3, 3))`` with the default ``BORDER_REFLECT_101``."""
+    k = torch.full((3,), 1.0 / 3.0, dtype=x.dtype, device=x.device)
+    return separable_filter(x, k, k, "reflect")
+
+
+# ------------------------------------------------------------------------------------------------- resampling
+def pil_box_matrix(n_in: int, n_out: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``(n_out, n_in)`` weights of PIL's ``Image.resize(..., Image.BOX)`` along one axis (``precompute_coeffs``)."""
+    scale = n_in / n_out
+    filterscale = max(scale, 1.0)
+    support = 0.5 * filterscale
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for i in range(n_out):
+        center = (i + 0.5) * scale
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), n_in)
+        for j in range(lo, hi):
+            t = (j - center + 0.5) / filterscale
+            if -0.5 < t <= 0.5:  # PIL's box filter: 1 on (-0.5, 0.5]
+                m[i, j] = 1.0
+        s = m[i].sum()
+        if s > 0:
+            m[i] /= s
+    return m.to(device=device, dtype=dtype)
+
+
+def linear_zoom_matrix(n: int, zoom: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``(n, n)`` weights of ImageNet-C's ``clipped_zoom`` along one axis.
+
+    Centre crop of ``ceil(n / zoom)`` pixels, ``scipy.ndimage.zoom(order=1)`` (output ``round(crop * zoom)``
+    pixels, corner-aligned grid) and a centred trim back to ``n`` pixels.
+    """
+    ch = math.ceil(n / zoom)
+    top = (n - ch) // 2
+    n_out = round(ch * zoom)
+    trim = (n_out - n) // 2
+    j = torch.arange(n, dtype=torch.float64) + trim
+    pos = j * ((ch - 1) / (n_out - 1)) if n_out > 1 else torch.zeros(n, dtype=torch.float64)
+    pos = pos.clamp(0, ch - 1)
+    lo = pos.floor().long().clamp(max=ch - 1)
+    hi = (lo + 1).clamp(max=ch - 1)
+    frac = pos - lo
+    m = torch.zeros(n, n, dtype=torch.float64)
+    rows = torch.arange(n)
+    m.index_put_((rows, lo + top), 1 - frac, accumulate=True)
+    m.index_put_((rows, hi + top), frac, accumulate=True)
+    return m.to(device=device, dtype=dtype)
+
+
+def apply_separable_matrices(x: torch.Tensor, mh: torch.Tensor, mw: torch.Tensor) -> torch.Tensor:
+    """``mh @ x @ mw.T`` over the last two dimensions."""
+    return torch.matmul(torch.matmul(mh.to(x.dtype), x), mw.to(x.dtype).transpose(0, 1))
+
+
+# ------------------------------------------------------------------------------------------------ motion blur
+def motion_offsets(radius: int, sigma: float, angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Taps of imagecorruptions' ``_motion_blur`` (a port of ImageMagick's ``MotionBlurImage``).
+
+    Returns the kernel weights ``(K,)`` and the per-sample integer row / column offsets ``(B, K)``.
+    """
+    width = 2 * int(radius) + 1
+    t = torch.arange(width, dtype=torch.float64)
+    k = torch.exp(-(t**2) / (2 * float(sigma) ** 2))
+    k = k / k.sum()
+    dys, dxs = [], []
+    for angle in angles.double().cpu().tolist():  # same float expressions as the reference
+        rad = angle * (math.pi / 180.0)
+        py, px = width * math.sin(rad), width * math.cos(rad)
+        hyp = math.hypot(py, px)
+        dys.append([-math.ceil(i * py / hyp - 0.5) for i in range(width)])
+        dxs.append([-math.ceil(i * px / hyp - 0.5) for i in range(width)])
+    return k, torch.tensor(dys, dtype=torch.long), torch.tensor(dxs, dtype=torch.long)
+
+
+def motion_blur_shifts(x: torch.Tensor, radius: int, sigma: float, angles: torch.Tensor) -> torch.Tensor:
+    """Motion-blur each sample of ``x`` (``(B, C, H, W)``) along its own angle (degrees), edges replicated.
+
+    ``out(p) = sum_i k_i * x(p - d_i)``; taps whose shift reaches the image size are dropped, as the reference
+    loop ``break``s there.
+    """
+    b, c, h, w = x.shape
+    k, dy, dx = motion_offsets(radius, sigma, angles)
+    keep = (dy.abs() < h) & (dx.abs() < w)
+    keep = keep.long().cumprod(dim=1).bool()  # the reference stops at the first tap out of range
+    p = k.numel()
+    xp = pad2d(x, p, p, "replicate")
+    wp = w + 2 * p
+    flat = xp.reshape(b, c, -1)
+    rows = torch.arange(h, device=x.device)[:, None]
+    cols = torch.arange(w, device=x.device)[None, :]
+    base = ((rows + p) * wp + cols + p).reshape(1, 1, -1)
+    out = torch.zeros_like(x)
+    dy_d, dx_d, keep_d = dy.to(x.device), dx.to(x.device), keep.to(x.device)
+    for i in range(p):
+        wi = k[i].item()
+        shift = (-dy_d[:, i] * wp - dx_d[:, i]).reshape(b, 1, 1)
+        idx = (base + shift).expand(b, c, -1)
+        tap = flat.gather(2, idx).reshape(b, c, h, w)
+        out = out + (wi * keep_d[:, i].to(x.dtype)).reshape(b, 1, 1, 1) * tap
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- fractals
+def plasma_fractal(
+    batch: int, mapsize: int, wibbledecay: float, gen: Generator, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """Diamond-square height maps ``(batch, mapsize, mapsize)`` in ``[0, 1]`` (ImageNet-C ``plasma_fractal``)."""
+    if mapsize & (mapsize - 1):
+        raise ValueError(f"plasma_fractal: mapsize must be a power of two, got {mapsize}")
+    m = torch.zeros(batch, mapsize, mapsize, dtype=torch.float64, device=device)
+    step = mapsize
+    wibble = 100.0
+
+    def wibbled_mean(a: torch.Tensor) -> torch.Tensor:
+        return a / 4 + wibble * uniform(-wibble, wibble, tuple(a.shape), gen, device, torch.float64)
+
+    while step >= 2:
+        half = step // 2
+        corner = m[:, 0:mapsize:step, 0:mapsize:step]
+        sq = corner + corner.roll(-1, dims=1)
+        sq = sq + sq.roll(-1, dims=2)
+        m[:, half:mapsize:step, half:mapsize:step] = wibbled_mean(sq)
+        dr = m[:, half:mapsize:step, half:mapsize:step]
+        ul = m[:, 0:mapsize:step, 0:mapsize:step]
+        lt = dr + dr.roll(1, dims=1) + ul + ul.roll(-1, dims=2)
+        m[:, 0:mapsize:step, half:mapsize:step] = wibbled_mean(lt)
+        tt = dr + dr.roll(1, dims=2) + ul + ul.roll(-1, dims=1)
+        m[:, half:mapsize:step, 0:mapsize:step] = wibbled_mean(tt)
+        step //= 2
+        wibble /= wibbledecay
+    m = m - m.amin(dim=(1, 2), keepdim=True)
+    m = m / m.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)
+    return m.to(dtype)
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two ``>= n``."""
+    return 1 if n <= 1 else 2 ** (n - 1).bit_length()
+
+
+def to_gray(x: torch.Tensor, weights: tuple[float, float, float] = CV_GRAY) -> torch.Tensor:
+    """Luma ``(B, 1, H, W)`` of an RGB batch ``(B, 3, H, W)``."""
+    w = torch.tensor(weights, dtype=x.dtype, device=x.device).reshape(1, 3, 1, 1)
+    return (x * w).sum(dim=1, keepdim=True)

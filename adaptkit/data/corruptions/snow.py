@@ -1,0 +1,61 @@
+"""snow: motion-blurred snow flakes over a brightened image.
+
+Reference: ``snow`` in ``make_cifar_c.py`` / ``make_imagenet_c.py`` (https://github.com/hendrycks/robustness,
+``ImageNet-C/create_c/``) and ``imagecorruptions/corruptions.py``: a Gaussian field ``N(loc, scale^2)`` zoomed by
+``zoom`` (``clipped_zoom``), thresholded at ``threshold``, motion-blurred (``blur_radius``, ``blur_sigma``, angle
+``U(-135, -45)``) and quantised to 8 bits; the image is blended towards ``max(x, 1.5 * gray + 0.5)`` with weight
+``1 - blend`` and the flake layer is added twice (as is and rotated by 180 degrees).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from adaptkit.data.corruptions._base import Corruption, Params, Shape
+from adaptkit.data.corruptions._ops import (
+    CV_GRAY,
+    GeneratorLike,
+    apply_separable_matrices,
+    linear_zoom_matrix,
+    motion_blur_shifts,
+    randn,
+    to_gray,
+    uniform,
+)
+
+
+class Snow(Corruption):
+    """Snow (flake field ``loc``/``scale``/``zoom``/``threshold``, blur ``blur_radius``/``blur_sigma``, ``blend``)."""
+
+    name = "snow"
+
+    def sample(
+        self, shape: Shape, params: Params, gen: torch.Generator | None, device: torch.device, dtype: torch.dtype
+    ) -> Params:
+        b, _, h, w = shape
+        field = randn((b, 1, h, w), gen, device, dtype) * params["scale"] + params["loc"]
+        return {"field": field, "angle": uniform(-135.0, -45.0, (b,), gen, device, torch.float64)}
+
+    def transform(self, x: torch.Tensor, params: Params) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        z = float(params["zoom"])
+        layer = params["field"].to(x)
+        layer = apply_separable_matrices(
+            layer, linear_zoom_matrix(h, z, x.dtype, x.device), linear_zoom_matrix(w, z, x.dtype, x.device)
+        )
+        layer = torch.where(layer < params["threshold"], torch.zeros_like(layer), layer).clamp(0, 1)
+        layer = motion_blur_shifts(layer, int(params["blur_radius"]), float(params["blur_sigma"]), params["angle"])
+        layer = torch.round(layer * 255) / 255
+        gray = x if x.shape[1] == 1 else to_gray(x, CV_GRAY)
+        blend = float(params["blend"])
+        x = blend * x + (1 - blend) * torch.maximum(x, gray * 1.5 + 0.5)
+        return x + layer + layer.flip(-1, -2)
+
+
+def snow(
+    x: torch.Tensor, severity: int = 1, generator: GeneratorLike = None, preset: str = "auto", **params: Any
+) -> torch.Tensor:
+    """Functional :class:`Snow`."""
+    return Snow(severity, preset, **params)(x, generator)
