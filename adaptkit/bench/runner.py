@@ -145,15 +145,18 @@ def build_model(config: BenchConfig) -> nn.Module:
     return load_model(config.model, config.num_classes, config.checkpoint, **kw)
 
 
-def build_domains(config: BenchConfig) -> tuple[list[Domain], Domain | None]:
-    """The shifted test sets (and the clean one when available) of a run."""
+def build_domains(
+    config: BenchConfig, data: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[list[Domain], Domain | None]:
+    """The shifted test sets (and the clean one when available) of a run; ``data`` overrides the dataset's
+    clean ``(images, labels)``."""
     from adaptkit.data.datasets import CIFARC, CorruptedDataset, imagenet_c, subset
 
     domains: list[Domain] = []
-    clean = _clean_data(config)
+    clean = data if data is not None else _clean_data(config)
     if clean is not None:
         x, y = subset(*clean, config.n_samples, config.seed)
-        cache = cache_dir() / "corrupted" / config.dataset
+        cache = cache_dir() / "corrupted" / (config.dataset if data is None else "user")
         pairs = list(itertools.product(config.corruptions, config.severities))
         for c, s in _progress(pairs, len(pairs), "corrupting test data", config.progress):
             ds = CorruptedDataset(x, y, c, s, seed=config.seed, cache_dir=cache)
@@ -237,8 +240,19 @@ def evaluate(
     return stats
 
 
-def run_bench(config: BenchConfig, write: bool = True) -> BenchResult:
+def run_bench(
+    config: BenchConfig,
+    write: bool = True,
+    model: nn.Module | None = None,
+    data: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> BenchResult:
     """Run a benchmark and (with ``write``) write its report directory.
+
+    Args:
+        config: every setting (recorded in the report).
+        write: write ``report.md``, JSON, CSV and plots to ``config.out_dir`` (default ``reports/bench-<time>``).
+        model: your own model object instead of ``config.model`` (set ``config.model`` to a label for it).
+        data: your own clean test data ``(images in [0, 1] or uint8, labels)``, corrupted on the fly.
 
     Example:
         >>> from adaptkit.bench import BenchConfig, run_bench
@@ -249,8 +263,8 @@ def run_bench(config: BenchConfig, write: bool = True) -> BenchResult:
         ['bn_adapt(N=0)', 'source']
     """
     torch.manual_seed(config.seed)
-    model = build_model(config).to(config.device)
-    domains, clean = build_domains(config)
+    model = (model if model is not None else build_model(config)).to(config.device)
+    domains, clean = build_domains(config, data)
     shift: dict[str, float] = {}
     if config.shift_score and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         for d in domains:
