@@ -102,7 +102,7 @@ class TTAMethod(nn.Module):
         if is_compiled(model):
             warnings.warn(
                 f"{self._who()}: got a torch.compile'd model; hooks added after compiling cause recompiles. "
-                "Wrap the eager model and compile the wrapper's .model.inner instead.",
+                "Wrap the eager model, then compile it in place: wrapper.model.compile().",
                 stacklevel=2,
             )
         self.model = model

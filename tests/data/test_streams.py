@@ -59,7 +59,8 @@ def test_mixed_domains_shuffles_and_is_seeded() -> None:
 def test_shuffle_is_seeded_and_covers_everything() -> None:
     a = [b.index.tolist() for b in reset_each_shift(_domains(1, 20), 6, shuffle=True, seed=0)]
     b = [b.index.tolist() for b in reset_each_shift(_domains(1, 20), 6, shuffle=True, seed=0)]
-    assert a == b and sorted(sum(a, [])) == list(range(20)) and sum(a, []) != list(range(20))
+    flat = [i for batch in a for i in batch]
+    assert a == b and sorted(flat) == list(range(20)) and flat != list(range(20))
 
 
 def test_dirichlet_small_alpha_gives_long_label_runs() -> None:
