@@ -67,7 +67,24 @@ def fashion_mnist_roots(root: str | os.PathLike[str] | None = None) -> list[Path
     return roots
 
 
-class FashionMNIST(Dataset):
+class _Uint8Images(Dataset):
+    """A dataset held as uint8 ``images`` ``(N, C, H, W)`` and ``targets`` ``(N,)``; items are floats in [0, 1]."""
+
+    images: torch.Tensor
+    targets: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i].float() / 255.0, int(self.targets[i])
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole split as ``(float images in [0,1], labels)``."""
+        return self.images.float() / 255.0, self.targets
+
+
+class FashionMNIST(_Uint8Images):
     """Fashion-MNIST from IDX files, as float images ``(1, 28, 28)`` in ``[0, 1]`` and integer labels.
 
     Search order: ``root``, ``$ADAPTKIT_DATA``, ``/usr/share/datasets/fashion-mnist`` (Debian package
@@ -112,18 +129,8 @@ class FashionMNIST(Dataset):
         self.targets = ds.targets.long().clone()
         self.source = str(target)
 
-    def __len__(self) -> int:
-        return len(self.targets)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.images[i].float() / 255.0, int(self.targets[i])
-
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole split as ``(float images in [0,1], labels)``."""
-        return self.images.float() / 255.0, self.targets
-
-
-class CIFARC(Dataset):
+class CIFARC(_Uint8Images):
     """CIFAR-10-C / CIFAR-100-C from the released ``.npy`` layout.
 
     ``<root>/<corruption>.npy`` holds ``(5 * n, 32, 32, 3)`` uint8 images, severities 1-5 in blocks of
@@ -153,16 +160,6 @@ class CIFARC(Dataset):
         self.images = torch.from_numpy(np.ascontiguousarray(arr[lo:hi])).permute(0, 3, 1, 2).contiguous()
         self.targets = torch.from_numpy(np.asarray(labels[lo:hi])).long()
 
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.images[i].float() / 255.0, int(self.targets[i])
-
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole split as ``(float images in [0,1], labels)``."""
-        return self.images.float() / 255.0, self.targets
-
 
 def imagenet_c(
     root: str | os.PathLike[str], corruption: str, severity: int, transform: Callable[[Any], Any] | None = None
@@ -180,7 +177,7 @@ def imagenet_c(
     return torchvision.datasets.ImageFolder(str(path), transform=transform)
 
 
-class CorruptedDataset(Dataset):
+class CorruptedDataset(_Uint8Images):
     """A clean tensor dataset corrupted on the fly (once, in batches) with an optional on-disk cache.
 
     Args:
@@ -224,16 +221,6 @@ class CorruptedDataset(Dataset):
             tmp = key.with_suffix(".tmp")
             torch.save(self.images, tmp)
             tmp.replace(key)
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.images[i].float() / 255.0, int(self.targets[i])
-
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole split as ``(float images in [0,1], labels)``."""
-        return self.images.float() / 255.0, self.targets
 
 
 def corrupt_tensor(

@@ -125,6 +125,15 @@ def _check(domains: Sequence[Domain], batch_size: int) -> None:
         raise ValueError("a stream needs at least one domain")
 
 
+def _sequence(
+    domains: Sequence[Domain], batch_size: int, shuffle: bool, seed: int, dirichlet: float | None, every: bool
+) -> Iterator[Batch]:
+    _check(domains, batch_size)
+    gen = torch.Generator().manual_seed(seed)
+    for k, d in enumerate(domains):
+        yield from _batches(d, _order(d, shuffle, dirichlet, gen, seed), batch_size, every or k == 0)
+
+
 def reset_each_shift(
     domains: Sequence[Domain],
     batch_size: int = 64,
@@ -133,10 +142,7 @@ def reset_each_shift(
     dirichlet: float | None = None,
 ) -> Iterator[Batch]:
     """Each domain in turn; the model is reset before the first batch of every domain."""
-    _check(domains, batch_size)
-    gen = torch.Generator().manual_seed(seed)
-    for d in domains:
-        yield from _batches(d, _order(d, shuffle, dirichlet, gen, seed), batch_size, True)
+    return _sequence(domains, batch_size, shuffle, seed, dirichlet, every=True)
 
 
 def continual(
@@ -147,10 +153,7 @@ def continual(
     dirichlet: float | None = None,
 ) -> Iterator[Batch]:
     """All domains in sequence with a single reset at the very start (continual TTA)."""
-    _check(domains, batch_size)
-    gen = torch.Generator().manual_seed(seed)
-    for k, d in enumerate(domains):
-        yield from _batches(d, _order(d, shuffle, dirichlet, gen, seed), batch_size, k == 0)
+    return _sequence(domains, batch_size, shuffle, seed, dirichlet, every=False)
 
 
 def gradual(
