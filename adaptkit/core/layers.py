@@ -280,7 +280,7 @@ def select_norm_layers(
         include = [strip_prefix(p) for p in include]
         for p in include:
             if not any(_matches(n, [p]) for n in cands):
-                raise _unknown(p, list(cands), f"{'/'.join(kinds)} norm layer")
+                raise _unknown(p, list(cands), f"{'/'.join(kinds)} norm layer in {who}(include=...)")
     sel = {
         n: m
         for n, m in cands.items()

@@ -29,6 +29,40 @@ class Moments(NamedTuple):
     samples: int
 
 
+#: CPU inputs with at least this many elements take the chunked two-pass path of :func:`batch_moments`.
+_FAST_MIN_NUMEL = 1 << 16
+#: Bytes of the batch processed per chunk in the second pass (a cache-sized temporary).
+_CHUNK_BYTES = 1 << 22
+
+
+def _two_pass_cpu(x: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Corrected two-pass moments over cache-sized batch chunks, partial sums carried in float64.
+
+    Same result as ``torch.var_mean(x, dims, correction=1)`` but several times faster on CPU, where
+    ``var_mean`` runs a Welford loop over ``(0, 2, 3)``. Pass 1 sums each ``(sample, channel)`` row in
+    ``x``'s dtype and adds the rows in float64, giving the mean to within rounding. Pass 2 squares the
+    deviations from that mean (no cancellation however large the mean) and applies the Chan-Golub-LeVeque
+    correction ``- (sum d)^2 / n`` for the mean's rounding.
+    """
+    spatial = list(range(2, x.dim()))
+
+    def rows(t: torch.Tensor) -> torch.Tensor:  # (b, C, *spatial) -> float64 per-channel total
+        return (t.sum(dim=spatial) if spatial else t).sum(dim=0, dtype=torch.float64)
+
+    mean64 = rows(x) / count
+    centre = mean64.to(x.dtype).view(1, -1, *([1] * len(spatial)))
+    per = max(1, _CHUNK_BYTES // max(1, x[0].numel() * x.element_size()))
+    m2 = torch.zeros_like(mean64)
+    dev = torch.zeros_like(mean64)
+    for start in range(0, x.shape[0], per):
+        d = x[start : start + per] - centre
+        dev += rows(d)
+        m2 += rows(d.square_())
+    m2 -= dev * dev / count
+    mean = centre.flatten().to(torch.float64) + dev / count
+    return mean.to(x.dtype), (m2.clamp_min_(0.0) / (count - 1)).to(x.dtype)
+
+
 def batch_moments(x: torch.Tensor, dtype: torch.dtype | None = None) -> Moments:
     """Channel moments of ``x`` shaped ``(B, C, *spatial)`` or ``(B, C)``.
 
@@ -45,6 +79,10 @@ def batch_moments(x: torch.Tensor, dtype: torch.dtype | None = None) -> Moments:
         >>> m = batch_moments(torch.tensor([[1.0], [3.0]]))
         >>> m.mean.tolist(), m.var.tolist(), m.count, m.samples
         ([2.0], [2.0], 2, 2)
+        >>> x = torch.randn(64, 8, 16, 16) * 0.01 + 100  # large CPU input: the chunked two-pass path
+        >>> m, ref = batch_moments(x), x.double().var(dim=(0, 2, 3))
+        >>> bool(((m.var.double() - ref).abs() / ref).max() < 1e-5)
+        True
     """
     if x.dim() < 2:
         raise ValueError(f"batch_moments expects (B, C, ...) activations, got shape {tuple(x.shape)}")
@@ -53,7 +91,9 @@ def batch_moments(x: torch.Tensor, dtype: torch.dtype | None = None) -> Moments:
     x = x.to(dtype)
     dims = [0, *range(2, x.dim())]
     count = x.numel() // x.shape[1] if x.shape[1] else 0
-    if count > 1:
+    if count > 1 and x.device.type == "cpu" and x.numel() >= _FAST_MIN_NUMEL and not x.requires_grad:
+        mean, var = _two_pass_cpu(x, count)
+    elif count > 1:
         var, mean = torch.var_mean(x, dim=dims, correction=1)
     else:
         mean = x.mean(dim=dims)

@@ -113,7 +113,11 @@ class Corruption(nn.Module):
         _check_input(x, type(self).__name__)
         squeeze = x.dim() == 3
         y = x.unsqueeze(0) if squeeze else x
-        y = self.transform(y.to(_work_dtype(x.dtype)), params).clamp(0, 1).to(x.dtype)
+        xin = y.to(_work_dtype(x.dtype))
+        y = self.transform(xin, params)
+        # clamp in place when the transform returned a fresh tensor (one memory pass less)
+        fresh = not _shares_memory(y, x) and not _shares_memory(y, xin)
+        y = (y.clamp_(0, 1) if fresh else y.clamp(0, 1)).to(x.dtype)
         return y.squeeze(0) if squeeze else y
 
     def replay(self, x: torch.Tensor) -> torch.Tensor:
@@ -140,6 +144,10 @@ class Corruption(nn.Module):
     def extra_repr(self) -> str:
         extra = "".join(f", {k}={v!r}" for k, v in self.overrides.items())
         return f"severity={self.severity}, preset={self.preset!r}{extra}"
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -9,6 +9,7 @@ larger than the image (the pattern repeats as the reference libraries do).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Union
 
@@ -154,9 +155,33 @@ def filter2d(x: torch.Tensor, kernel: torch.Tensor, mode: str) -> torch.Tensor:
     return depthwise_filter(x, [kernel], kh // 2, kw // 2, mode)
 
 
+def _filter_rows(t: torch.Tensor, k: torch.Tensor, mode: str) -> torch.Tensor:
+    """Correlate ``t`` (``(N, H, W)``, contiguous) with the 1-D kernel ``k`` along H; returns ``(N, H, W)``.
+
+    The columns become the channels of a channels-last depthwise convolution: ``(N, H, W)`` memory is exactly
+    a channels-last ``(N, W, 1, H)`` batch, so no copy is needed and oneDNN vectorises over the columns.
+    """
+    n, h, w = t.shape
+    r = k.numel() // 2
+    if mode == "constant":
+        tp = F.pad(t, (0, 0, r, r))
+    else:
+        tp = t.index_select(1, pad_index(h, r, r, mode, t.device)) if r else t
+    wgt = k.to(t.dtype).reshape(1, 1, 1, -1).expand(w, 1, 1, k.numel()).contiguous()
+    y = F.conv2d(tp.transpose(1, 2).unsqueeze(2), wgt, groups=w)  # (N, W, 1, H), channels-last
+    return y.squeeze(2).transpose(1, 2)
+
+
 def separable_filter(x: torch.Tensor, kh: torch.Tensor, kw: torch.Tensor, mode: str) -> torch.Tensor:
     """Correlate every channel of ``x`` with ``kh`` along rows and ``kw`` along columns."""
-    return depthwise_filter(x, [kh.reshape(-1, 1), kw.reshape(1, -1)], kh.numel() // 2, kw.numel() // 2, mode)
+    if not _fast_cpu(x):
+        return depthwise_filter(x, [kh.reshape(-1, 1), kw.reshape(1, -1)], kh.numel() // 2, kw.numel() // 2, mode)
+    shape = x.shape
+    h, w = shape[-2:]
+    t = x.reshape(-1, h, w).contiguous()
+    t = _filter_rows(t, kh, mode).transpose(1, 2).contiguous()
+    t = _filter_rows(t, kw, mode).transpose(1, 2).contiguous()
+    return t.reshape(shape)
 
 
 def gaussian_filter(x: torch.Tensor, sigma: float, truncate: float = 4.0, mode: str = "replicate") -> torch.Tensor:
@@ -215,6 +240,13 @@ def pil_box_matrix(n_in: int, n_out: int, dtype: torch.dtype, device: torch.devi
     return m.to(device=device, dtype=dtype)
 
 
+@functools.lru_cache(maxsize=64)
+def _pil_box_windows(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    m = pil_box_matrix(n_in, n_out, torch.float64, torch.device("cpu"))
+    nz = m > 0
+    return m, nz.double().argmax(dim=1), nz.sum(dim=1)
+
+
 def pil_box_resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """``Image.resize((width, height), Image.BOX)`` of the last two dimensions, in float.
 
@@ -225,10 +257,8 @@ def pil_box_resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         n_in = x.shape[dim]
         if n_in == n_out:
             continue
-        m = pil_box_matrix(n_in, n_out, torch.float64, torch.device("cpu"))
+        m, lo, cnt = _pil_box_windows(n_in, n_out)
         nz = m > 0
-        lo = nz.double().argmax(dim=1)
-        cnt = nz.sum(dim=1)
         if bool((cnt == 1).all()):
             x = x.index_select(dim, lo.to(x.device))
             continue
@@ -323,6 +353,21 @@ def motion_blur_shifts(x: torch.Tensor, radius: int, sigma: float, angles: torch
     keep = keep.long().cumprod(dim=1).bool()  # the reference stops at the first tap out of range
     p = k.numel()
     xp = pad2d(x, p, p, "replicate")
+    if x.device.type == "cpu":
+        # one strided slice per image and tap: cache-friendly and no index tensors
+        out = torch.empty_like(x)
+        kl = k.tolist()
+        for i, (dyi, dxi, ki) in enumerate(zip(dy.tolist(), dx.tolist(), keep.tolist())):
+            oi, xi = out[i], xp[i]
+            for j, (sy, sx, kj) in enumerate(zip(dyi, dxi, ki)):
+                if not kj:
+                    break
+                view = xi[:, p - sy : p - sy + h, p - sx : p - sx + w]
+                if j == 0:
+                    torch.mul(view, kl[j], out=oi)
+                else:
+                    oi.add_(view, alpha=kl[j])
+        return out
     wp = w + 2 * p
     flat = xp.reshape(b, c, -1)
     rows = torch.arange(h, device=x.device)[:, None]

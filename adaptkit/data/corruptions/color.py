@@ -47,7 +47,7 @@ class Contrast(Corruption):
 
     def transform(self, x: torch.Tensor, params: Params) -> torch.Tensor:
         means = x.mean(dim=(2, 3), keepdim=True)
-        return (x - means) * float(params["factor"]) + means
+        return torch.lerp(means.expand_as(x), x, float(params["factor"]))
 
 
 class Saturate(Corruption):

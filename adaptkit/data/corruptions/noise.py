@@ -35,7 +35,7 @@ class GaussianNoise(Corruption):
         return {"noise": randn(shape, gen, device, dtype)}
 
     def transform(self, x: torch.Tensor, params: Params) -> torch.Tensor:
-        return x + params["sigma"] * params["noise"].to(x)
+        return torch.add(x, params["noise"].to(x), alpha=float(params["sigma"]))
 
 
 class ShotNoise(Corruption):
@@ -70,13 +70,14 @@ class ImpulseNoise(Corruption):
     def sample(
         self, shape: Shape, params: Params, gen: torch.Generator | None, device: torch.device, dtype: torch.dtype
     ) -> Params:
-        return {"flip": rand(shape, gen, device, dtype), "salt": rand(shape, gen, device, dtype)}
+        return {"u": rand(shape, gen, device, dtype)}
 
     def transform(self, x: torch.Tensor, params: Params) -> torch.Tensor:
-        flip = params["flip"].to(x) < params["amount"]
-        salt = params["salt"].to(x) < 0.5
-        x = torch.where(flip & salt, torch.ones_like(x), x)
-        return torch.where(flip & ~salt, torch.zeros_like(x), x)
+        # one uniform per value: u < amount / 2 -> pepper (0), amount / 2 <= u < amount -> salt (1); the same
+        # distribution as skimage's two Bernoulli draws (flip with p = amount, then salt with p = 0.5)
+        u = params["u"].to(x)
+        amount = float(params["amount"])
+        return torch.where(u < amount, (u >= 0.5 * amount).to(x.dtype), x)
 
 
 class SpeckleNoise(Corruption):
@@ -90,7 +91,7 @@ class SpeckleNoise(Corruption):
         return {"noise": randn(shape, gen, device, dtype)}
 
     def transform(self, x: torch.Tensor, params: Params) -> torch.Tensor:
-        return x + x * params["sigma"] * params["noise"].to(x)
+        return torch.addcmul(x, x, params["noise"].to(x), value=float(params["sigma"]))
 
 
 def gaussian_noise(

@@ -3,8 +3,8 @@
 Reference: ``pixelate`` in ``make_cifar_c.py`` / ``make_imagenet_c.py`` (https://github.com/hendrycks/robustness,
 ``ImageNet-C/create_c/``): ``PIL.Image.resize`` to ``int(side * factor)`` with ``Image.BOX`` and back with
 ``Image.BOX`` (imagecorruptions upsamples with ``NEAREST``, which is the same map for these factors up to ties).
-PIL's BOX coefficients are reproduced exactly as resampling matrices; PIL rounds to 8 bits after each pass,
-this version stays in float.
+PIL's BOX coefficients are reproduced exactly (window means from cumulative sums, a gather to upsample); PIL
+rounds to 8 bits after each pass, this version stays in float.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from adaptkit.data.corruptions._base import Corruption, Params
-from adaptkit.data.corruptions._ops import GeneratorLike, apply_separable_matrices, pil_box_matrix
+from adaptkit.data.corruptions._ops import GeneratorLike, pil_box_resize
 
 
 class Pixelate(Corruption):
@@ -27,11 +27,7 @@ class Pixelate(Corruption):
         h, w = x.shape[-2:]
         f = float(params["factor"])
         hs, ws = max(1, int(h * f)), max(1, int(w * f))
-        down_h = pil_box_matrix(h, hs, x.dtype, x.device)
-        down_w = pil_box_matrix(w, ws, x.dtype, x.device)
-        up_h = pil_box_matrix(hs, h, x.dtype, x.device)
-        up_w = pil_box_matrix(ws, w, x.dtype, x.device)
-        return apply_separable_matrices(x, up_h @ down_h, up_w @ down_w)
+        return pil_box_resize(pil_box_resize(x, hs, ws), h, w)
 
 
 def pixelate(

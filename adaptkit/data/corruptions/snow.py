@@ -17,8 +17,7 @@ from adaptkit.data.corruptions._base import Corruption, Params, Shape
 from adaptkit.data.corruptions._ops import (
     CV_GRAY,
     GeneratorLike,
-    apply_separable_matrices,
-    linear_zoom_matrix,
+    clipped_zoom,
     motion_blur_shifts,
     randn,
     to_gray,
@@ -39,19 +38,16 @@ class Snow(Corruption):
         return {"field": field, "angle": uniform(-135.0, -45.0, (b,), gen, device, torch.float64)}
 
     def transform(self, x: torch.Tensor, params: Params) -> torch.Tensor:
-        h, w = x.shape[-2:]
         z = float(params["zoom"])
         layer = params["field"].to(x)
-        layer = apply_separable_matrices(
-            layer, linear_zoom_matrix(h, z, x.dtype, x.device), linear_zoom_matrix(w, z, x.dtype, x.device)
-        )
+        layer = clipped_zoom(layer, z)
         layer = torch.where(layer < params["threshold"], torch.zeros_like(layer), layer).clamp(0, 1)
         layer = motion_blur_shifts(layer, int(params["blur_radius"]), float(params["blur_sigma"]), params["angle"])
         layer = torch.round(layer * 255) / 255
         gray = x if x.shape[1] == 1 else to_gray(x, CV_GRAY)
         blend = float(params["blend"])
         x = blend * x + (1 - blend) * torch.maximum(x, gray * 1.5 + 0.5)
-        return x + layer + layer.flip(-1, -2)
+        return x.add_(layer).add_(layer.flip(-1, -2))
 
 
 def snow(

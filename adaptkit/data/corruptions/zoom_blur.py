@@ -2,8 +2,8 @@
 
 Reference: ``clipped_zoom`` / ``zoom_blur`` in ``make_cifar_c.py`` / ``make_imagenet_c.py``
 (https://github.com/hendrycks/robustness, ``ImageNet-C/create_c/``): the mean of the image and its centre crops
-zoomed back by each factor in ``np.arange(1, z_max, step)`` with ``scipy.ndimage.zoom(order=1)``. Each zoom is an
-exact separable linear map (``(H, H)`` and ``(W, W)`` matrices). imagecorruptions keeps the top-left corner of the
+zoomed back by each factor in ``np.arange(1, z_max, step)`` with ``scipy.ndimage.zoom(order=1)``, which is a
+corner-aligned bilinear ``F.interpolate`` of the crop. imagecorruptions keeps the top-left corner of the
 zoomed image instead of its centre (a small shift); the centred Hendrycks version is used here.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from adaptkit.data.corruptions._base import Corruption, Params
-from adaptkit.data.corruptions._ops import GeneratorLike, apply_separable_matrices, linear_zoom_matrix
+from adaptkit.data.corruptions._ops import GeneratorLike, clipped_zoom
 
 
 class ZoomBlur(Corruption):
@@ -24,13 +24,10 @@ class ZoomBlur(Corruption):
     stochastic = False
 
     def transform(self, x: torch.Tensor, params: Params) -> torch.Tensor:
-        h, w = x.shape[-2:]
         out = x.clone()
         for z in params["zooms"]:
-            mh = linear_zoom_matrix(h, float(z), x.dtype, x.device)
-            mw = mh if w == h else linear_zoom_matrix(w, float(z), x.dtype, x.device)
-            out = out + apply_separable_matrices(x, mh, mw)
-        return out / (len(params["zooms"]) + 1)
+            out += clipped_zoom(x, float(z))
+        return out.mul_(1.0 / (len(params["zooms"]) + 1))
 
 
 def zoom_blur(
