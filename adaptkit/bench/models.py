@@ -35,7 +35,8 @@ class _Block(nn.Module):
 
 
 class SmallResNet(nn.Module):
-    """A small BN ResNet for 28-32 px images: stem, ``layer1..3`` (one basic block each), pool, fc.
+    """A small BN ResNet for 28-32 px images: stem, ``layer1..3`` (one basic block each, each halving the
+    resolution), pool, fc.
 
     Inputs are images in ``[0, 1]``; the normalisation is part of the model (``mean``/``std`` buffers).
 
@@ -55,7 +56,7 @@ class SmallResNet(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU()
-        self.layer1 = _Block(width, width, 1)
+        self.layer1 = _Block(width, width, 2)
         self.layer2 = _Block(width, 2 * width, 2)
         self.layer3 = _Block(2 * width, 4 * width, 2)
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -136,7 +137,7 @@ def fmnist_source_model(
     cached under :func:`cache_dir` after the first call (weights-only checkpoint)."""
     from adaptkit.data.datasets import FashionMNIST
 
-    path = cache_dir() / "models" / f"fmnist_smallresnet_w{width}_e{epochs}_s{seed}.pt"
+    path = cache_dir() / "models" / f"fmnist_smallresnet_v2_w{width}_e{epochs}_s{seed}.pt"
     model = SmallResNet(1, 10, width)
     if path.is_file():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -144,7 +145,17 @@ def fmnist_source_model(
     train = FashionMNIST(train=True)
     if progress:
         print(f"training the built-in Fashion-MNIST source model ({epochs} epochs, cached at {path}) ...")
-    train_classifier(model, train.images, train.targets, epochs=epochs, seed=seed, device=device, progress=progress)
+    train_classifier(
+        model,
+        train.images,
+        train.targets,
+        epochs=epochs,
+        batch_size=256,
+        lr=0.1,
+        seed=seed,
+        device=device,
+        progress=progress,
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(model.cpu().state_dict(), tmp)
