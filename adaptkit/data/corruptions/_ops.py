@@ -161,7 +161,7 @@ def _filter_rows(t: torch.Tensor, k: torch.Tensor, mode: str) -> torch.Tensor:
     The columns become the channels of a channels-last depthwise convolution: ``(N, H, W)`` memory is exactly
     a channels-last ``(N, W, 1, H)`` batch, so no copy is needed and oneDNN vectorises over the columns.
     """
-    n, h, w = t.shape
+    h, w = t.shape[-2:]
     r = k.numel() // 2
     if mode == "constant":
         tp = F.pad(t, (0, 0, r, r))

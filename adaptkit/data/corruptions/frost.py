@@ -32,9 +32,8 @@ from adaptkit.data.corruptions._ops import (
     IC_GRAY,
     Generator,
     GeneratorLike,
-    apply_separable_matrices,
     next_power_of_2,
-    pil_box_matrix,
+    pil_box_resize,
     plasma_fractal,
     randint,
     to_gray,
@@ -75,9 +74,7 @@ def frost_texture(
     stds = torch.tensor(FROST_STDS, dtype=torch.float64, device=device)[style].reshape(batch, 1, 1, 1)
     tex = (means + stds * field).clamp(0, 1)
     if (hs, ws) != (height, width):
-        mh = pil_box_matrix(hs, height, torch.float64, device)
-        mw = pil_box_matrix(ws, width, torch.float64, device)
-        tex = apply_separable_matrices(tex, mh, mw)
+        tex = pil_box_resize(tex, height, width)
     return tex.to(dtype)
 
 
