@@ -129,7 +129,7 @@ def build_model(config: BenchConfig) -> nn.Module:
     if config.model in ("fmnist_resnet", "fmnist-resnet") and config.dataset == "synthetic":
         from adaptkit.bench.models import SmallResNet, train_classifier
 
-        path = cache_dir() / "models" / f"synthetic_w8_s{config.seed}.pt"
+        path = cache_dir() / "models" / f"synthetic_v2_w8_s{config.seed}.pt"
         model = SmallResNet(1, 4, width=8, mean=0.4, std=0.25)
         if path.is_file():
             model.load_state_dict(torch.load(path, weights_only=True))

@@ -24,7 +24,7 @@ def check_batch(x: Any, who: str, finite: bool = True) -> None:
     Args:
         x: the input given to a wrapper's ``forward``.
         who: the wrapper's name, for the message.
-        finite: also reject NaN / Inf (one reduction over ``x``).
+        finite: also reject NaN / Inf (one sum over ``x``; the element-wise test only if that sum is not finite).
     """
     if not isinstance(x, torch.Tensor):
         return  # custom inputs (dicts, tuples) are the model's business
@@ -33,7 +33,10 @@ def check_batch(x: Any, who: str, finite: bool = True) -> None:
         x.shape[0] > 0,
         f"{who}: got an empty batch (shape {tuple(x.shape)}); skip empty batches before calling the wrapper",
     )
-    if finite and x.is_floating_point():
+    # A finite sum implies finite elements (NaN / Inf propagate through any summation order); only a
+    # non-finite sum (bad values, or a float overflow of the sum) needs the element-wise test, which is
+    # ~40x slower on CPU.
+    if finite and x.is_floating_point() and not bool(torch.isfinite(x.detach().sum())):
         check(
             bool(torch.isfinite(x).all()),
             f"{who}: the input batch contains NaN or Inf values; clean or drop those samples first "

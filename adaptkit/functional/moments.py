@@ -31,36 +31,35 @@ class Moments(NamedTuple):
 
 #: CPU inputs with at least this many elements take the chunked two-pass path of :func:`batch_moments`.
 _FAST_MIN_NUMEL = 1 << 16
-#: Bytes of the batch processed per chunk in the second pass (a cache-sized temporary).
-_CHUNK_BYTES = 1 << 22
+#: Bytes of the batch processed per chunk in the second pass (fewer, larger chunks mean fewer parallel regions).
+_CHUNK_BYTES = 1 << 24
 
 
 def _two_pass_cpu(x: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Corrected two-pass moments over cache-sized batch chunks, partial sums carried in float64.
+    """Corrected two-pass moments over large batch chunks, partial sums carried in float64.
 
-    Same result as ``torch.var_mean(x, dims, correction=1)`` but several times faster on CPU, where
-    ``var_mean`` runs a Welford loop over ``(0, 2, 3)``. Pass 1 sums each ``(sample, channel)`` row in
-    ``x``'s dtype and adds the rows in float64, giving the mean to within rounding. Pass 2 squares the
-    deviations from that mean (no cancellation however large the mean) and applies the Chan-Golub-LeVeque
-    correction ``- (sum d)^2 / n`` for the mean's rounding.
+    Same result as ``torch.var_mean(x, dims, correction=1)`` (float64 reference within ~1e-6 relative) but
+    several times faster on CPU, where ``var_mean`` runs a Welford loop over ``(0, 2, 3)``. Pass 1 sums
+    each ``(sample, channel)`` row and adds the rows in float64 to centre the data near the mean. Pass 2
+    sums the deviations ``d`` and their squares per chunk (a chunk-sized temporary); the Chan-Golub-LeVeque
+    correction ``- (sum d)^2 / n`` removes the centre's rounding error, so there is no cancellation
+    however large the mean is relative to the spread.
     """
     spatial = list(range(2, x.dim()))
-
-    def rows(t: torch.Tensor) -> torch.Tensor:  # (b, C, *spatial) -> float64 per-channel total
-        return (t.sum(dim=spatial) if spatial else t).sum(dim=0, dtype=torch.float64)
-
-    mean64 = rows(x) / count
-    centre = mean64.to(x.dtype).view(1, -1, *([1] * len(spatial)))
+    rows = x.sum(dim=spatial) if spatial else x
+    centre = (rows.sum(dim=0, dtype=torch.float64) / count).to(x.dtype)
+    view = centre.view(1, -1, *([1] * len(spatial)))
     per = max(1, _CHUNK_BYTES // max(1, x[0].numel() * x.element_size()))
-    m2 = torch.zeros_like(mean64)
-    dev = torch.zeros_like(mean64)
+    m2 = torch.zeros(x.shape[1], dtype=torch.float64)
+    dev = torch.zeros(x.shape[1], dtype=torch.float64)
     for start in range(0, x.shape[0], per):
-        d = x[start : start + per] - centre
-        dev += rows(d)
-        m2 += rows(d.square_())
+        d = x[start : start + per] - view
+        d = d.flatten(2) if spatial else d.unsqueeze(2)
+        dev += d.sum(dim=2).sum(dim=0, dtype=torch.float64)
+        m2 += d.square_().sum(dim=2).sum(dim=0, dtype=torch.float64)
     m2 -= dev * dev / count
-    mean = centre.flatten().to(torch.float64) + dev / count
-    return mean.to(x.dtype), (m2.clamp_min_(0.0) / (count - 1)).to(x.dtype)
+    mean = centre.to(torch.float64) + dev / count
+    return mean.to(x.dtype), (m2.clamp_min(0.0) / (count - 1)).to(x.dtype)
 
 
 def batch_moments(x: torch.Tensor, dtype: torch.dtype | None = None) -> Moments:
