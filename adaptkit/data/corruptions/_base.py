@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn as nn
@@ -152,3 +152,24 @@ def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class CorruptionOp(Protocol):
+    """Signature of the functional form of a corruption."""
+
+    def __call__(
+        self, x: torch.Tensor, severity: int = 1, generator: Any = None, preset: str = "auto", **params: Any
+    ) -> torch.Tensor: ...
+
+
+def functional(cls: type[Corruption], name: str) -> CorruptionOp:
+    """The functional form ``name(x, severity=1, generator=None, preset="auto", **params)`` of ``cls``."""
+
+    def op(
+        x: torch.Tensor, severity: int = 1, generator: Any = None, preset: str = "auto", **params: Any
+    ) -> torch.Tensor:
+        return cls(severity, preset, **params)(x, generator)
+
+    op.__name__ = op.__qualname__ = name
+    op.__doc__ = f"Functional :class:`{cls.__name__}`: ``{name}(x, severity, generator, preset, **params)``."
+    return op

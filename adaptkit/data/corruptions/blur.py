@@ -9,12 +9,11 @@ Reference: ``disk`` / ``defocus_blur`` and ``gaussian_blur`` in ``make_cifar_c.p
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 
-from adaptkit.data.corruptions._base import Corruption, Params
-from adaptkit.data.corruptions._ops import GeneratorLike, cv_gaussian_kernel1d, filter2d, gaussian_filter, pad2d
+from adaptkit.data.corruptions._base import Corruption, Params, functional
+from adaptkit.data.corruptions._ops import cv_gaussian_kernel1d, filter2d, gaussian_filter, pad2d
 
 
 def disk_kernel(radius: float, alias_blur: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -65,15 +64,7 @@ class GaussianBlur(Corruption):
         return gaussian_filter(x, float(params["sigma"]), truncate=4.0, mode="replicate")
 
 
-def defocus_blur(
-    x: torch.Tensor, severity: int = 1, generator: GeneratorLike = None, preset: str = "auto", **params: Any
-) -> torch.Tensor:
-    """Functional :class:`DefocusBlur` (``generator`` is accepted for a uniform signature and unused)."""
-    return DefocusBlur(severity, preset, **params)(x, generator)
+defocus_blur = functional(DefocusBlur, "defocus_blur")
 
 
-def gaussian_blur(
-    x: torch.Tensor, severity: int = 1, generator: GeneratorLike = None, preset: str = "auto", **params: Any
-) -> torch.Tensor:
-    """Functional :class:`GaussianBlur` (``generator`` is accepted for a uniform signature and unused)."""
-    return GaussianBlur(severity, preset, **params)(x, generator)
+gaussian_blur = functional(GaussianBlur, "gaussian_blur")

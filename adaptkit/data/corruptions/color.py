@@ -15,12 +15,9 @@ fixed this has a closed form on RGB, used here (no HSV round trip):
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from adaptkit.data.corruptions._base import Corruption, Params
-from adaptkit.data.corruptions._ops import GeneratorLike
+from adaptkit.data.corruptions._base import Corruption, Params, functional
 
 
 class Brightness(Corruption):
@@ -68,22 +65,10 @@ class Saturate(Corruption):
         return torch.where(s > 0, colored, gray_px)
 
 
-def brightness(
-    x: torch.Tensor, severity: int = 1, generator: GeneratorLike = None, preset: str = "auto", **params: Any
-) -> torch.Tensor:
-    """Functional :class:`Brightness` (``generator`` is accepted for a uniform signature and unused)."""
-    return Brightness(severity, preset, **params)(x, generator)
+brightness = functional(Brightness, "brightness")
 
 
-def contrast(
-    x: torch.Tensor, severity: int = 1, generator: GeneratorLike = None, preset: str = "auto", **params: Any
-) -> torch.Tensor:
-    """Functional :class:`Contrast` (``generator`` is accepted for a uniform signature and unused)."""
-    return Contrast(severity, preset, **params)(x, generator)
+contrast = functional(Contrast, "contrast")
 
 
-def saturate(
-    x: torch.Tensor, severity: int = 1, generator: GeneratorLike = None, preset: str = "auto", **params: Any
-) -> torch.Tensor:
-    """Functional :class:`Saturate` (``generator`` is accepted for a uniform signature and unused)."""
-    return Saturate(severity, preset, **params)(x, generator)
+saturate = functional(Saturate, "saturate")

@@ -19,13 +19,11 @@ values (divided by the reference size) to reproduce it. Large sigmas are filtere
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
-from adaptkit.data.corruptions._base import Corruption, Params, Shape
-from adaptkit.data.corruptions._ops import GeneratorLike, gaussian_filter, uniform
+from adaptkit.data.corruptions._base import Corruption, Params, Shape, functional
+from adaptkit.data.corruptions._ops import gaussian_filter, uniform
 
 
 def _reference_size(height: int, width: int, preset: str) -> float:
@@ -99,8 +97,4 @@ class ElasticTransform(Corruption):
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-def elastic_transform(
-    x: torch.Tensor, severity: int = 1, generator: GeneratorLike = None, preset: str = "auto", **params: Any
-) -> torch.Tensor:
-    """Functional :class:`ElasticTransform`."""
-    return ElasticTransform(severity, preset, **params)(x, generator)
+elastic_transform = functional(ElasticTransform, "elastic_transform")

@@ -9,12 +9,10 @@ torch with the same recursion (one map per image).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from adaptkit.data.corruptions._base import Corruption, Params, Shape
-from adaptkit.data.corruptions._ops import GeneratorLike, next_power_of_2, plasma_fractal
+from adaptkit.data.corruptions._base import Corruption, Params, Shape, functional
+from adaptkit.data.corruptions._ops import next_power_of_2, plasma_fractal
 
 
 class Fog(Corruption):
@@ -36,8 +34,4 @@ class Fog(Corruption):
         return (x + s * params["plasma"].to(x)) * max_val / (max_val + s)
 
 
-def fog(
-    x: torch.Tensor, severity: int = 1, generator: GeneratorLike = None, preset: str = "auto", **params: Any
-) -> torch.Tensor:
-    """Functional :class:`Fog`."""
-    return Fog(severity, preset, **params)(x, generator)
+fog = functional(Fog, "fog")

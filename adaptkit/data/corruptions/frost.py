@@ -29,11 +29,10 @@ from typing import Any
 
 import torch
 
-from adaptkit.data.corruptions._base import Corruption, Params, Shape
+from adaptkit.data.corruptions._base import Corruption, Params, Shape, functional
 from adaptkit.data.corruptions._ops import (
     IC_GRAY,
     Generator,
-    GeneratorLike,
     next_power_of_2,
     pil_box_resize,
     plasma_fractal,
@@ -124,8 +123,4 @@ class Frost(Corruption):
         return float(params["image_weight"]) * x + float(params["frost_weight"]) * tex
 
 
-def frost(
-    x: torch.Tensor, severity: int = 1, generator: GeneratorLike = None, preset: str = "auto", **params: Any
-) -> torch.Tensor:
-    """Functional :class:`Frost`."""
-    return Frost(severity, preset, **params)(x, generator)
+frost = functional(Frost, "frost")

@@ -13,12 +13,10 @@ resampling instead of a permutation, which gives a very similar texture (see ``b
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from adaptkit.data.corruptions._base import Corruption, Params, Shape
-from adaptkit.data.corruptions._ops import GeneratorLike, gaussian_filter, randint
+from adaptkit.data.corruptions._base import Corruption, Params, Shape, functional
+from adaptkit.data.corruptions._ops import gaussian_filter, randint
 
 
 class GlassBlur(Corruption):
@@ -54,8 +52,4 @@ class GlassBlur(Corruption):
         return gaussian_filter(x, sigma, truncate=4.0, mode="replicate")
 
 
-def glass_blur(
-    x: torch.Tensor, severity: int = 1, generator: GeneratorLike = None, preset: str = "auto", **params: Any
-) -> torch.Tensor:
-    """Functional :class:`GlassBlur`."""
-    return GlassBlur(severity, preset, **params)(x, generator)
+glass_blur = functional(GlassBlur, "glass_blur")

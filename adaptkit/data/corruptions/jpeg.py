@@ -10,12 +10,10 @@ back (this is the one corruption that is not pure tensor math; there is no NumPy
 from __future__ import annotations
 
 import warnings
-from typing import Any
 
 import torch
 
-from adaptkit.data.corruptions._base import Corruption, Params
-from adaptkit.data.corruptions._ops import GeneratorLike
+from adaptkit.data.corruptions._base import Corruption, Params, functional
 
 
 class JpegCompression(Corruption):
@@ -37,8 +35,4 @@ class JpegCompression(Corruption):
         return out.to(device=x.device, dtype=x.dtype) / 255
 
 
-def jpeg_compression(
-    x: torch.Tensor, severity: int = 1, generator: GeneratorLike = None, preset: str = "auto", **params: Any
-) -> torch.Tensor:
-    """Functional :class:`JpegCompression` (``generator`` is accepted for a uniform signature and unused)."""
-    return JpegCompression(severity, preset, **params)(x, generator)
+jpeg_compression = functional(JpegCompression, "jpeg_compression")

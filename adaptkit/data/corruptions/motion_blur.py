@@ -9,12 +9,10 @@ replicated. This implementation follows the imagecorruptions port, batched with 
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from adaptkit.data.corruptions._base import Corruption, Params, Shape
-from adaptkit.data.corruptions._ops import GeneratorLike, motion_blur_shifts, uniform
+from adaptkit.data.corruptions._base import Corruption, Params, Shape, functional
+from adaptkit.data.corruptions._ops import motion_blur_shifts, uniform
 
 
 class MotionBlur(Corruption):
@@ -31,8 +29,4 @@ class MotionBlur(Corruption):
         return motion_blur_shifts(x, int(params["radius"]), float(params["sigma"]), params["angle"])
 
 
-def motion_blur(
-    x: torch.Tensor, severity: int = 1, generator: GeneratorLike = None, preset: str = "auto", **params: Any
-) -> torch.Tensor:
-    """Functional :class:`MotionBlur`."""
-    return MotionBlur(severity, preset, **params)(x, generator)
+motion_blur = functional(MotionBlur, "motion_blur")

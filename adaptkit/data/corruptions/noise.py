@@ -9,12 +9,10 @@ independent noise, as in the references (``np.random.normal(size=x.shape)``, ``n
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from adaptkit.data.corruptions._base import Corruption, Params, Shape
-from adaptkit.data.corruptions._ops import GeneratorLike, rand, randint, randn
+from adaptkit.data.corruptions._base import Corruption, Params, Shape, functional
+from adaptkit.data.corruptions._ops import rand, randint, randn
 
 
 class GaussianNoise(Corruption):
@@ -94,29 +92,13 @@ class SpeckleNoise(Corruption):
         return torch.addcmul(x, x, params["noise"].to(x), value=float(params["sigma"]))
 
 
-def gaussian_noise(
-    x: torch.Tensor, severity: int = 1, generator: GeneratorLike = None, preset: str = "auto", **params: Any
-) -> torch.Tensor:
-    """Functional :class:`GaussianNoise`."""
-    return GaussianNoise(severity, preset, **params)(x, generator)
+gaussian_noise = functional(GaussianNoise, "gaussian_noise")
 
 
-def shot_noise(
-    x: torch.Tensor, severity: int = 1, generator: GeneratorLike = None, preset: str = "auto", **params: Any
-) -> torch.Tensor:
-    """Functional :class:`ShotNoise`."""
-    return ShotNoise(severity, preset, **params)(x, generator)
+shot_noise = functional(ShotNoise, "shot_noise")
 
 
-def impulse_noise(
-    x: torch.Tensor, severity: int = 1, generator: GeneratorLike = None, preset: str = "auto", **params: Any
-) -> torch.Tensor:
-    """Functional :class:`ImpulseNoise`."""
-    return ImpulseNoise(severity, preset, **params)(x, generator)
+impulse_noise = functional(ImpulseNoise, "impulse_noise")
 
 
-def speckle_noise(
-    x: torch.Tensor, severity: int = 1, generator: GeneratorLike = None, preset: str = "auto", **params: Any
-) -> torch.Tensor:
-    """Functional :class:`SpeckleNoise`."""
-    return SpeckleNoise(severity, preset, **params)(x, generator)
+speckle_noise = functional(SpeckleNoise, "speckle_noise")

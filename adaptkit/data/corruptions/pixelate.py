@@ -9,12 +9,10 @@ rounds to 8 bits after each pass, this version stays in float.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from adaptkit.data.corruptions._base import Corruption, Params
-from adaptkit.data.corruptions._ops import GeneratorLike, pil_box_resize
+from adaptkit.data.corruptions._base import Corruption, Params, functional
+from adaptkit.data.corruptions._ops import pil_box_resize
 
 
 class Pixelate(Corruption):
@@ -30,8 +28,4 @@ class Pixelate(Corruption):
         return pil_box_resize(pil_box_resize(x, hs, ws), h, w)
 
 
-def pixelate(
-    x: torch.Tensor, severity: int = 1, generator: GeneratorLike = None, preset: str = "auto", **params: Any
-) -> torch.Tensor:
-    """Functional :class:`Pixelate` (``generator`` is accepted for a uniform signature and unused)."""
-    return Pixelate(severity, preset, **params)(x, generator)
+pixelate = functional(Pixelate, "pixelate")

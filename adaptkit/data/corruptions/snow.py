@@ -9,14 +9,11 @@ Reference: ``snow`` in ``make_cifar_c.py`` / ``make_imagenet_c.py`` (https://git
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from adaptkit.data.corruptions._base import Corruption, Params, Shape
+from adaptkit.data.corruptions._base import Corruption, Params, Shape, functional
 from adaptkit.data.corruptions._ops import (
     CV_GRAY,
-    GeneratorLike,
     clipped_zoom,
     motion_blur_shifts,
     randn,
@@ -50,8 +47,4 @@ class Snow(Corruption):
         return x.add_(layer).add_(layer.flip(-1, -2))
 
 
-def snow(
-    x: torch.Tensor, severity: int = 1, generator: GeneratorLike = None, preset: str = "auto", **params: Any
-) -> torch.Tensor:
-    """Functional :class:`Snow`."""
-    return Snow(severity, preset, **params)(x, generator)
+snow = functional(Snow, "snow")

@@ -18,15 +18,12 @@ transform is a 20-step chamfer propagation (weights 1 and 1.4, OpenCV's
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
-from adaptkit.data.corruptions._base import Corruption, Params, Shape
+from adaptkit.data.corruptions._base import Corruption, Params, Shape, functional
 from adaptkit.data.corruptions._ops import (
     IC_GRAY,
-    GeneratorLike,
     box_blur3,
     filter2d,
     gaussian_filter,
@@ -136,8 +133,4 @@ class Spatter(Corruption):
         return x * (1 - m) + color
 
 
-def spatter(
-    x: torch.Tensor, severity: int = 1, generator: GeneratorLike = None, preset: str = "auto", **params: Any
-) -> torch.Tensor:
-    """Functional :class:`Spatter`."""
-    return Spatter(severity, preset, **params)(x, generator)
+spatter = functional(Spatter, "spatter")

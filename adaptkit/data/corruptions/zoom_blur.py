@@ -9,12 +9,10 @@ zoomed image instead of its centre (a small shift); the centred Hendrycks versio
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from adaptkit.data.corruptions._base import Corruption, Params
-from adaptkit.data.corruptions._ops import GeneratorLike, clipped_zoom
+from adaptkit.data.corruptions._base import Corruption, Params, functional
+from adaptkit.data.corruptions._ops import clipped_zoom
 
 
 class ZoomBlur(Corruption):
@@ -30,8 +28,4 @@ class ZoomBlur(Corruption):
         return out.mul_(1.0 / (len(params["zooms"]) + 1))
 
 
-def zoom_blur(
-    x: torch.Tensor, severity: int = 1, generator: GeneratorLike = None, preset: str = "auto", **params: Any
-) -> torch.Tensor:
-    """Functional :class:`ZoomBlur` (``generator`` is accepted for a uniform signature and unused)."""
-    return ZoomBlur(severity, preset, **params)(x, generator)
+zoom_blur = functional(ZoomBlur, "zoom_blur")
