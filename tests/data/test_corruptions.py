@@ -204,3 +204,18 @@ def test_matches_imagecorruptions(name: str) -> None:
         ref = np.asarray(getattr(ic, name)(Image.fromarray(img), severity), dtype=np.float64) / 255
         ours = corrupt(x8, name, severity, preset="imagenet")[0].permute(1, 2, 0).double().numpy()
         assert np.abs(np.clip(ref, 0, 1) - ours).max() < 1e-4
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_chunked_apply_matches_one_batch(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU chunking of ``apply`` (cache-sized groups of images) gives the result of one batched call."""
+    x = BATCHES["rgb32"]
+    module = get_corruption(name)(4)
+    y = module(x, generator=_gen(0))
+    params = module.last_params
+    assert params is not None
+    if module.batch_dims is None:
+        pytest.skip("not chunked")
+    monkeypatch.setattr(type(module), "chunk_bytes", 1)  # one image per chunk
+    assert module._chunk_size(x) == 1
+    torch.testing.assert_close(module.apply(x, params), y, atol=1e-6, rtol=0)

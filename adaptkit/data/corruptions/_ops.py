@@ -247,32 +247,62 @@ def _pil_box_windows(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor,
     return m, nz.double().argmax(dim=1), nz.sum(dim=1)
 
 
+@functools.lru_cache(maxsize=64)
+def _pil_box_taps(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor, bool, bool] | None:
+    """``(K, n_out)`` source indices and weights of PIL's box windows (``None`` if a window is not contiguous).
+
+    Also whether every output has a single source and whether that source map is ``F.interpolate``'s
+    ``"nearest-exact"`` (checked on an index ramp, so float rounding of the scale cannot differ silently).
+    """
+    m, lo, cnt = _pil_box_windows(n_in, n_out)
+    nz = m > 0
+    if not bool((nz.long().diff(dim=1).clamp_min(0).sum(dim=1) <= 1).all()):
+        return None
+    k = torch.arange(int(cnt.max()))[:, None]
+    idx = torch.minimum(lo[None] + k, (lo + cnt - 1)[None])
+    wt = (k < cnt[None]).double() / cnt[None].double()
+    single = bool((cnt == 1).all())
+    ramp = torch.arange(n_in, dtype=torch.float64).reshape(1, 1, 1, n_in)
+    near = F.interpolate(ramp, size=(1, n_out), mode="nearest-exact").reshape(-1).long()
+    return idx, wt, single, single and torch.equal(near, lo)
+
+
 def pil_box_resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """``Image.resize((width, height), Image.BOX)`` of the last two dimensions, in float.
 
     PIL's box weights are 1 on a contiguous window of source pixels (normalised), so each output is a window
-    mean, computed from cumulative sums (downsampling) or a single gather (upsampling: one source per output).
+    mean: an average pooling for integral factors, else a sum of ``K`` gathered and weighted rows / columns
+    (``K`` = the longest window, 2-3 here). Upsampling has a single source per output, which is
+    ``F.interpolate(mode="nearest-exact")`` (verified per size, else a gather).
     """
-    for dim, n_out in ((-2, height), (-1, width)):
+    h_in, w_in = x.shape[-2:]
+    shape = x.shape
+    taps_h, taps_w = _pil_box_taps(h_in, height), _pil_box_taps(w_in, width)
+    if taps_h is not None and taps_w is not None and taps_h[3] and taps_w[3] and x.dim() >= 2:
+        y = F.interpolate(x.reshape(1, -1, h_in, w_in), size=(height, width), mode="nearest-exact")
+        return y.reshape(*shape[:-2], height, width)
+    if height and width and h_in % height == 0 and w_in % width == 0 and h_in >= height and w_in >= width:
+        kh, kw = h_in // height, w_in // width
+        y = F.avg_pool2d(x.reshape(1, -1, h_in, w_in), (kh, kw))
+        return y.reshape(*shape[:-2], height, width)
+    for dim, n_out, taps in ((-2, height, taps_h), (-1, width, taps_w)):
         n_in = x.shape[dim]
         if n_in == n_out:
             continue
-        m, lo, cnt = _pil_box_windows(n_in, n_out)
-        nz = m > 0
-        if bool((cnt == 1).all()):
-            x = x.index_select(dim, lo.to(x.device))
-            continue
-        if not bool((nz.long().diff(dim=1).clamp_min(0).sum(dim=1) <= 1).all()):  # not contiguous windows
-            mm = m.to(device=x.device, dtype=x.dtype)
+        if taps is None:  # not contiguous windows (does not happen for PIL's box filter): dense weights
+            mm = _pil_box_windows(n_in, n_out)[0].to(device=x.device, dtype=x.dtype)
             x = torch.matmul(mm, x) if dim == -2 else torch.matmul(x, mm.t())
             continue
-        sizes = list(x.shape)
-        sizes[dim] = 1
-        c = torch.cat([x.new_zeros(sizes), x.cumsum(dim)], dim=dim)
-        hi = (lo + cnt).to(x.device)
-        x = (c.index_select(dim, hi) - c.index_select(dim, lo.to(x.device))) / cnt.to(
-            device=x.device, dtype=x.dtype
-        ).reshape((-1, 1) if dim == -2 else (-1,))
+        idx, wt, single, _ = taps
+        idx = idx.to(x.device)
+        if single:
+            x = x.index_select(dim, idx[0])
+            continue
+        wt = wt.to(device=x.device, dtype=x.dtype).reshape((wt.shape[0], -1, 1) if dim == -2 else wt.shape)
+        y = x.index_select(dim, idx[0]).mul_(wt[0])
+        for k in range(1, idx.shape[0]):
+            y.addcmul_(x.index_select(dim, idx[k]), wt[k])
+        x = y
     return x
 
 

@@ -9,6 +9,7 @@ Reference: ``disk`` / ``defocus_blur`` and ``gaussian_blur`` in ``make_cifar_c.p
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 
@@ -47,6 +48,7 @@ class DefocusBlur(Corruption):
     """Out-of-focus blur: correlation with an anti-aliased disk of ``radius`` px (CIFAR 0.3-1.5, ImageNet 3-10)."""
 
     name = "defocus_blur"
+    batch_dims: ClassVar[dict[str, int] | None] = {}
     stochastic = False
 
     def transform(self, x: torch.Tensor, params: Params) -> torch.Tensor:
@@ -58,6 +60,7 @@ class GaussianBlur(Corruption):
     """Gaussian blur with ``sigma`` px (extra corruption; CIFAR 0.4-1, ImageNet 1-6), edges replicated."""
 
     name = "gaussian_blur"
+    batch_dims: ClassVar[dict[str, int] | None] = {}
     stochastic = False
 
     def transform(self, x: torch.Tensor, params: Params) -> torch.Tensor:

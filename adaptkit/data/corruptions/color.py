@@ -15,6 +15,8 @@ fixed this has a closed form on RGB, used here (no HSV round trip):
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from adaptkit.data.corruptions._base import Corruption, Params, functional
@@ -24,6 +26,7 @@ class Brightness(Corruption):
     """Raise the HSV value by ``delta`` (CIFAR 0.05-0.3, ImageNet 0.1-0.5)."""
 
     name = "brightness"
+    batch_dims: ClassVar[dict[str, int] | None] = {}
     stochastic = False
 
     def transform(self, x: torch.Tensor, params: Params) -> torch.Tensor:
@@ -40,6 +43,7 @@ class Contrast(Corruption):
     """Shrink the contrast around the channel means by ``factor`` (CIFAR 0.75-0.15, ImageNet 0.4-0.05)."""
 
     name = "contrast"
+    batch_dims: ClassVar[dict[str, int] | None] = {}
     stochastic = False
 
     def transform(self, x: torch.Tensor, params: Params) -> torch.Tensor:
@@ -51,6 +55,7 @@ class Saturate(Corruption):
     """Scale and shift the HSV saturation (``factor``, ``shift``; extra corruption, de- then over-saturates)."""
 
     name = "saturate"
+    batch_dims: ClassVar[dict[str, int] | None] = {}
     stochastic = False
 
     def transform(self, x: torch.Tensor, params: Params) -> torch.Tensor:

@@ -19,6 +19,8 @@ values (divided by the reference size) to reproduce it. Large sigmas are filtere
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 
@@ -54,6 +56,7 @@ class ElasticTransform(Corruption):
     """Elastic deformation (``alpha``, ``sigma``, ``affine`` as fractions of the reference size)."""
 
     name = "elastic_transform"
+    batch_dims: ClassVar[dict[str, int] | None] = {"affine_noise": 0, "fields": 0}
 
     def derive(self, params: Params, height: int, width: int, preset: str) -> Params:
         ref = _reference_size(height, width, preset)

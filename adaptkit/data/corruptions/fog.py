@@ -9,6 +9,8 @@ torch with the same recursion (one map per image).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from adaptkit.data.corruptions._base import Corruption, Params, Shape, functional
@@ -19,6 +21,7 @@ class Fog(Corruption):
     """Fog of ``strength`` (CIFAR 0.2-1.5, ImageNet 1.5-3) and fractal roughness ``decay``."""
 
     name = "fog"
+    batch_dims: ClassVar[dict[str, int] | None] = {"plasma": 0}
 
     def sample(
         self, shape: Shape, params: Params, gen: torch.Generator | None, device: torch.device, dtype: torch.dtype

@@ -25,7 +25,7 @@ CIFAR-10-C generators and this module use the first five.)
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -109,6 +109,7 @@ class Frost(Corruption):
     """Frost: ``image_weight * x + frost_weight * texture`` (procedural texture, see the module docstring)."""
 
     name = "frost"
+    batch_dims: ClassVar[dict[str, int] | None] = {"texture": 0}
 
     def sample(
         self, shape: Shape, params: Params, gen: torch.Generator | None, device: torch.device, dtype: torch.dtype

@@ -13,6 +13,8 @@ resampling instead of a permutation, which gives a very similar texture (see ``b
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from adaptkit.data.corruptions._base import Corruption, Params, Shape, functional
@@ -23,6 +25,7 @@ class GlassBlur(Corruption):
     """Frosted-glass blur (``sigma``, ``max_delta`` px, ``iterations``; CIFAR d=1, ImageNet d=1-4)."""
 
     name = "glass_blur"
+    batch_dims: ClassVar[dict[str, int] | None] = {"offsets": 1}
 
     def sample(
         self, shape: Shape, params: Params, gen: torch.Generator | None, device: torch.device, dtype: torch.dtype

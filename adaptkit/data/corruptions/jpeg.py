@@ -10,6 +10,7 @@ back (this is the one corruption that is not pure tensor math; there is no NumPy
 from __future__ import annotations
 
 import warnings
+from typing import ClassVar
 
 import torch
 
@@ -20,6 +21,7 @@ class JpegCompression(Corruption):
     """JPEG round trip at ``quality`` (CIFAR 80-40, ImageNet 25-7)."""
 
     name = "jpeg_compression"
+    batch_dims: ClassVar[dict[str, int] | None] = {}
     stochastic = False
 
     def transform(self, x: torch.Tensor, params: Params) -> torch.Tensor:

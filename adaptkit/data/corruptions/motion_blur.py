@@ -9,6 +9,8 @@ replicated. This implementation follows the imagecorruptions port, batched with 
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from adaptkit.data.corruptions._base import Corruption, Params, Shape, functional
@@ -19,6 +21,7 @@ class MotionBlur(Corruption):
     """Motion blur with ``radius`` / ``sigma`` px (CIFAR (6, 1)-(9, 2.5), ImageNet (10, 3)-(20, 15))."""
 
     name = "motion_blur"
+    batch_dims: ClassVar[dict[str, int] | None] = {"angle": 0}
 
     def sample(
         self, shape: Shape, params: Params, gen: torch.Generator | None, device: torch.device, dtype: torch.dtype

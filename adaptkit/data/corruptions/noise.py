@@ -9,6 +9,8 @@ independent noise, as in the references (``np.random.normal(size=x.shape)``, ``n
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from adaptkit.data.corruptions._base import Corruption, Params, Shape, functional
@@ -26,6 +28,7 @@ class GaussianNoise(Corruption):
     """
 
     name = "gaussian_noise"
+    batch_dims: ClassVar[dict[str, int] | None] = {"noise": 0}
 
     def sample(
         self, shape: Shape, params: Params, gen: torch.Generator | None, device: torch.device, dtype: torch.dtype
@@ -64,6 +67,7 @@ class ImpulseNoise(Corruption):
     """
 
     name = "impulse_noise"
+    batch_dims: ClassVar[dict[str, int] | None] = {"u": 0}
 
     def sample(
         self, shape: Shape, params: Params, gen: torch.Generator | None, device: torch.device, dtype: torch.dtype
@@ -82,6 +86,7 @@ class SpeckleNoise(Corruption):
     """Multiplicative noise ``x + x * N(0, sigma^2)`` (extra corruption; CIFAR 0.06-0.2, ImageNet 0.15-0.6)."""
 
     name = "speckle_noise"
+    batch_dims: ClassVar[dict[str, int] | None] = {"noise": 0}
 
     def sample(
         self, shape: Shape, params: Params, gen: torch.Generator | None, device: torch.device, dtype: torch.dtype

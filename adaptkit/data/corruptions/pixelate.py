@@ -3,11 +3,13 @@
 Reference: ``pixelate`` in ``make_cifar_c.py`` / ``make_imagenet_c.py`` (https://github.com/hendrycks/robustness,
 ``ImageNet-C/create_c/``): ``PIL.Image.resize`` to ``int(side * factor)`` with ``Image.BOX`` and back with
 ``Image.BOX`` (imagecorruptions upsamples with ``NEAREST``, which is the same map for these factors up to ties).
-PIL's BOX coefficients are reproduced exactly (window means from cumulative sums, a gather to upsample); PIL
+PIL's BOX coefficients are reproduced exactly (window means: pooling or weighted gathers; nearest to upsample); PIL
 rounds to 8 bits after each pass, this version stays in float.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 
@@ -19,6 +21,7 @@ class Pixelate(Corruption):
     """Pixelate by resizing to ``factor`` of the size and back (CIFAR 0.95-0.65, ImageNet 0.6-0.25)."""
 
     name = "pixelate"
+    batch_dims: ClassVar[dict[str, int] | None] = {}
     stochastic = False
 
     def transform(self, x: torch.Tensor, params: Params) -> torch.Tensor:

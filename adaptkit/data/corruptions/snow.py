@@ -9,6 +9,8 @@ Reference: ``snow`` in ``make_cifar_c.py`` / ``make_imagenet_c.py`` (https://git
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from adaptkit.data.corruptions._base import Corruption, Params, Shape, functional
@@ -26,6 +28,7 @@ class Snow(Corruption):
     """Snow (flake field ``loc``/``scale``/``zoom``/``threshold``, blur ``blur_radius``/``blur_sigma``, ``blend``)."""
 
     name = "snow"
+    batch_dims: ClassVar[dict[str, int] | None] = {"field": 0, "angle": 0}
 
     def sample(
         self, shape: Shape, params: Params, gen: torch.Generator | None, device: torch.device, dtype: torch.dtype

@@ -18,6 +18,8 @@ transform is a 20-step chamfer propagation (weights 1 and 1.4, OpenCV's
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 
@@ -98,6 +100,7 @@ class Spatter(Corruption):
     """Spatter (``loc``, ``scale``, ``sigma``, ``threshold``, ``intensity``, ``mud``); see the module docstring."""
 
     name = "spatter"
+    batch_dims: ClassVar[dict[str, int] | None] = {"liquid": 0}
 
     def sample(
         self, shape: Shape, params: Params, gen: torch.Generator | None, device: torch.device, dtype: torch.dtype

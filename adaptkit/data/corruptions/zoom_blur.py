@@ -9,6 +9,8 @@ zoomed image instead of its centre (a small shift); the centred Hendrycks versio
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from adaptkit.data.corruptions._base import Corruption, Params, functional
@@ -19,6 +21,7 @@ class ZoomBlur(Corruption):
     """Zoom blur over the factors ``zooms`` (CIFAR up to 1.06-1.25, ImageNet up to 1.11-1.30)."""
 
     name = "zoom_blur"
+    batch_dims: ClassVar[dict[str, int] | None] = {}
     stochastic = False
 
     def transform(self, x: torch.Tensor, params: Params) -> torch.Tensor:
