@@ -157,7 +157,7 @@ class CIFARC(_Uint8Images):
         labels = np.load(root / "labels.npy")
         n = n or arr.shape[0] // 5
         lo, hi = (int(severity) - 1) * n, int(severity) * n
-        self.images = torch.from_numpy(np.ascontiguousarray(arr[lo:hi])).permute(0, 3, 1, 2).contiguous()
+        self.images = torch.from_numpy(np.array(arr[lo:hi])).permute(0, 3, 1, 2).contiguous()  # mmap is read-only
         self.targets = torch.from_numpy(np.asarray(labels[lo:hi])).long()
 
 
