@@ -17,6 +17,8 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import Dataset
 
+from adaptkit._version import __version__ as _version
+
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -187,7 +189,7 @@ class CorruptedDataset(_Uint8Images):
         severity: 1-5.
         seed: the corruption randomness (the same seed gives the same images).
         cache_dir: where to keep the corrupted uint8 tensor (keyed by data hash, corruption, severity,
-            seed and preset); ``None`` disables the cache.
+            seed, preset and adaptkit version); ``None`` disables the cache.
         batch_size: images corrupted per call.
         preset: corruption constants (``"auto"`` picks by image size).
         device: where to run the corruption.
@@ -210,7 +212,7 @@ class CorruptedDataset(_Uint8Images):
         key = None
         if cache_dir is not None:
             h = hashlib.sha1(images.contiguous().cpu().numpy().tobytes()[: 1 << 22])
-            h.update(f"{images.shape}|{corruption}|{severity}|{seed}|{preset}".encode())
+            h.update(f"{images.shape}|{corruption}|{severity}|{seed}|{preset}|{_version}".encode())
             key = Path(cache_dir) / f"{corruption}-s{severity}-seed{seed}-{h.hexdigest()[:16]}.pt"
             if key.is_file():
                 self.images = torch.load(key, weights_only=True)
