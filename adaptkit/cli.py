@@ -208,6 +208,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CLIError as e:
         print(f"adaptkit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` & co.: stop quietly
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
