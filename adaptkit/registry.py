@@ -26,8 +26,20 @@ def register_method(cls: T) -> T:
 
 
 def get_method(name: str) -> type:
-    """The method class registered as ``name`` (case-insensitive; ``-`` and ``_`` equivalent)."""
+    """The method class registered as ``name``: case-insensitive, ``-``/``_``/spaces optional, and the class
+    name works too (``"bn_adapt"``, ``"BNAdapt"``, ``"bn-adapt"``).
+
+    Example:
+        >>> from adaptkit import get_method
+        >>> get_method("BNAdapt").__name__, get_method("bn-adapt").__name__
+        ('BNAdapt', 'BNAdapt')
+    """
     key = name.lower().replace("-", "_")
+    if key not in _REGISTRY:
+        squashed = key.replace("_", "").replace(" ", "")
+        for reg, cls in _REGISTRY.items():
+            if squashed in (reg.replace("_", ""), cls.__name__.lower()):
+                return cls
     if key not in _REGISTRY:
         import difflib
 

@@ -70,7 +70,13 @@ def test_unknown_name_suggests() -> None:
     assert "'tnet'" in msg and "Did you mean 'tent'" in msg
     assert "bn_adapt" in msg  # lists what is available
     with pytest.raises(ValueError, match="bn_adapt"):
-        adaptkit.get_method("bnadapt")
+        adaptkit.get_method("bn_adaptt")
+
+
+def test_class_names_and_spellings_resolve() -> None:
+    for spelling in ("bn_adapt", "BNAdapt", "bnadapt", "bn-adapt", "BN_ADAPT"):
+        assert adaptkit.get_method(spelling) is adaptkit.BNAdapt
+    assert adaptkit.get_method("Tent") is adaptkit.Tent
 
 
 @pytest.mark.usefixtures("clean_registry")

@@ -55,7 +55,8 @@ class BNStatsOverride:
         def pre(module: nn.Module, inputs: tuple[Any, ...]) -> None:
             x = inputs[0]
             buf = module._buffers
-            mom = batch_moments(x.detach(), dtype=buf["running_mean"].dtype)
+            # at least float32: half-precision buffers would lose the variance of large activations
+            mom = batch_moments(x.detach(), dtype=torch.promote_types(buf["running_mean"].dtype, torch.float32))
             stats = self.policy(name, module, mom)
             if stats is None:
                 return

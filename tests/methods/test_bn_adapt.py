@@ -481,3 +481,17 @@ def test_adaptation_state_roundtrip_accumulate() -> None:
         m.reset()
         m.load_adaptation_state_dict(sd)
         assert torch.equal(m(xb), after)
+
+
+def test_half_precision_model_gets_float32_statistics() -> None:
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.rand(8, 3, 32, 32)
+    with adaptkit.BNAdapt(model, N=0) as bn:
+        ref = bn(x)
+    model = model.to(torch.bfloat16)
+    with adaptkit.BNAdapt(model, N=0) as bn:
+        out = bn(x.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert torch.allclose(out.float(), ref, atol=0.25, rtol=0.1)
