@@ -104,9 +104,9 @@ def stage_names(model: nn.Module) -> list[str]:
     """Qualified names of the model's feature stages, in forward order; ``layer=i`` selects entry ``i``.
 
     Resolution order: timm ``feature_info``; ``layer1..layerK`` children (torchvision ResNet family; entry 0
-    is the stem, so ``layer=1`` is ``layer1``); a ``features`` sequence (torchvision MobileNet, EfficientNet,
-    DenseNet, VGG, ConvNeXt, ...); ``trunk_output`` blocks (RegNet, entry 0 the stem); ``encoder.layers``
-    (torchvision ViT); otherwise the model's top-level children that hold parameters, minus a final
+    is the stem, so ``layer=1`` is ``layer1``); a ``features`` (or ``layers``) sequence (torchvision MobileNet,
+    EfficientNet, DenseNet, VGG, ConvNeXt, MNASNet, ...); ``trunk_output`` blocks (RegNet, entry 0 the stem);
+    ``encoder.layers`` (torchvision ViT); otherwise the model's top-level children that hold parameters, minus a final
     classifier.
 
     Example:
@@ -123,9 +123,11 @@ def stage_names(model: nn.Module) -> list[str]:
     blocks = _numbered_blocks(model)
     if blocks:
         return blocks
-    feats = children.get("features")
-    if isinstance(feats, nn.Sequential) and len(feats) > 1:
-        return _numbered_blocks(feats, "features.") or [f"features.{k}" for k, _ in feats.named_children()]
+    for seq_name in ("features", "layers"):  # torchvision MobileNet/EfficientNet/DenseNet/VGG/ConvNeXt; MNASNet
+        feats = children.get(seq_name)
+        if isinstance(feats, nn.Sequential) and len(feats) > 1:
+            blocks = _numbered_blocks(feats, f"{seq_name}.")
+            return blocks or [f"{seq_name}.{k}" for k, _ in feats.named_children()]
     trunk = children.get("trunk_output")
     if isinstance(trunk, nn.Sequential):
         stem = ["stem"] if "stem" in children else []

@@ -289,3 +289,12 @@ def test_select_unwraps_dataparallel() -> None:
     sel = select_norm_layers(nn.DataParallel(m), ["batch"])
     assert list(sel) == ["stem.1", "block1.1"]
     assert sel["stem.1"] is m.stem[1]
+
+
+def test_mnasnet_layers_sequence_gives_stages() -> None:
+    import torchvision
+
+    from adaptkit.core import resolve_layer
+
+    m = torchvision.models.mnasnet0_5()
+    assert resolve_layer(m, 3) == "layers.3"
