@@ -165,3 +165,21 @@ def count_live_tensors() -> int:
     gc.collect()
     # type() rather than isinstance(): no __class__ lookups on lazy/deprecated module proxies
     return sum(1 for obj in gc.get_objects() if issubclass(type(obj), torch.Tensor))
+
+
+def randomize_bn(
+    bn: nn.Module,
+    bias: float = 0.5,
+    mean: float = 1.0,
+    var: tuple[float, float] = (0.5, 2.0),
+    tracked: int = 11,
+) -> nn.Module:
+    """Give a BatchNorm layer non-trivial affine parameters and running statistics (in place):
+    weight ~ U(0.5, 1.5), bias ~ U(-bias, bias), running_mean ~ U(-mean, mean), running_var ~ U(*var)."""
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-bias, bias)
+        bn.running_mean.uniform_(-mean, mean)
+        bn.running_var.uniform_(*var)
+        bn.num_batches_tracked.fill_(tracked)
+    return bn

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+from helpers import randomize_bn
 
 from adaptkit.core import HookManager
 from adaptkit.core.bn import BNStatsOverride
@@ -14,13 +15,7 @@ from adaptkit.functional import Moments
 def _bn(c: int = 3, cls: type[nn.Module] = nn.BatchNorm2d) -> nn.Module:
     torch.manual_seed(0)
     bn = cls(c)
-    with torch.no_grad():
-        bn.weight.uniform_(0.5, 1.5)
-        bn.bias.uniform_(-0.5, 0.5)
-        bn.running_mean.uniform_(-1, 1)
-        bn.running_var.uniform_(0.5, 2)
-        bn.num_batches_tracked.fill_(11)
-    return bn.eval()
+    return randomize_bn(bn).eval()
 
 
 def _state(bn: nn.Module) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import randomize_bn
 
 import adaptkit
 from adaptkit import BNAdapt
@@ -43,13 +44,8 @@ class TinyNet(nn.Module):
 def make_net(k: int = 3, seed: int = 0) -> TinyNet:
     torch.manual_seed(seed)
     net = TinyNet(k)
-    with torch.no_grad():
-        for bn in (net.bn1, net.bn2):
-            bn.weight.uniform_(0.5, 1.5)
-            bn.bias.uniform_(-0.3, 0.3)
-            bn.running_mean.uniform_(-0.5, 0.5)
-            bn.running_var.uniform_(0.3, 2.0)
-            bn.num_batches_tracked.fill_(7)
+    for bn in (net.bn1, net.bn2):
+        randomize_bn(bn, bias=0.3, mean=0.5, var=(0.3, 2.0), tracked=7)
     return net.eval()
 
 

@@ -8,6 +8,7 @@ from typing import Any, Callable
 import pytest
 import torch
 import torch.nn as nn
+from helpers import randomize_bn
 
 from adaptkit import Tent
 
@@ -35,13 +36,8 @@ class ConvNet(nn.Module):
 def make_net(seed: int = 0) -> ConvNet:
     torch.manual_seed(seed)
     net = ConvNet()
-    with torch.no_grad():
-        for bn in (net.bn1, net.bn2):
-            bn.weight.uniform_(0.5, 1.5)
-            bn.bias.uniform_(-0.3, 0.3)
-            bn.running_mean.uniform_(-0.5, 0.5)
-            bn.running_var.uniform_(0.5, 2.0)
-            bn.num_batches_tracked.fill_(3)
+    for bn in (net.bn1, net.bn2):
+        randomize_bn(bn, bias=0.3, mean=0.5, tracked=3)
     return net.eval()
 
 
