@@ -225,6 +225,70 @@ class CorruptedDataset(_Uint8Images):
             tmp.replace(key)
 
 
+class CorruptedView(Dataset):
+    """Any clean map-style dataset of ``(image, label)`` pairs, corrupted lazily item by item.
+
+    Suited to datasets too large to hold in memory (ImageNet-size): item ``i`` is corrupted with a generator
+    seeded from ``(seed, i)``, so every access gives the same image whatever the order or the DataLoader
+    workers; with ``cache_dir`` each corrupted item is stored once as an 8-bit tensor file.
+
+    Args:
+        dataset: returns ``(image (C, H, W) float in [0, 1] or uint8, label)``.
+        corruption / severity / preset: as in :func:`adaptkit.data.corruptions.corrupt`.
+        seed: base seed.
+        cache_dir: folder for the per-item cache (keyed by corruption, severity, seed, preset and version).
+
+    Example:
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> from adaptkit.data.datasets import CorruptedView
+        >>> clean = TensorDataset(torch.rand(4, 3, 32, 32), torch.arange(4))
+        >>> view = CorruptedView(clean, "gaussian_noise", 5, seed=0)
+        >>> x, y = view[2]
+        >>> x.shape, int(y), torch.equal(x, view[2][0])
+        (torch.Size([3, 32, 32]), 2, True)
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        corruption: str,
+        severity: int,
+        seed: int = 0,
+        cache_dir: str | os.PathLike[str] | None = None,
+        preset: str = "auto",
+    ) -> None:
+        from adaptkit.data.corruptions import get_corruption
+
+        get_corruption(corruption)  # fail early on unknown names
+        self.dataset, self.corruption, self.severity = dataset, corruption, int(severity)
+        self.seed, self.preset = int(seed), preset
+        self.cache = None
+        if cache_dir is not None:
+            self.cache = Path(cache_dir) / f"{corruption}-s{severity}-seed{seed}-{preset}-v{_version}"
+            self.cache.mkdir(parents=True, exist_ok=True)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, Any]:
+        from adaptkit.data.corruptions import corrupt
+
+        x, y = self.dataset[i]
+        path = None if self.cache is None else self.cache / f"{i}.pt"
+        if path is not None and path.is_file():
+            return torch.load(path, weights_only=True).float() / 255.0, y
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(i))
+        out = corrupt(x[None], self.corruption, self.severity, generator=gen, preset=self.preset)[0]
+        out8 = (out.clamp(0, 1) * 255.0).round().to(torch.uint8)
+        if path is not None:
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            torch.save(out8, tmp)
+            tmp.replace(path)
+        return out8.float() / 255.0, y
+
+
 def corrupt_tensor(
     images: torch.Tensor,
     corruption: str,
@@ -258,6 +322,7 @@ def subset(images: torch.Tensor, targets: torch.Tensor, n: int | None, seed: int
 __all__: Sequence[str] = [
     "CIFARC",
     "CorruptedDataset",
+    "CorruptedView",
     "FashionMNIST",
     "corrupt_tensor",
     "fashion_mnist_roots",

@@ -98,3 +98,21 @@ def test_subset_is_seeded() -> None:
     a, b = subset(x, y, 4, seed=1), subset(x, y, 4, seed=1)
     assert torch.equal(a[1], b[1]) and len(a[1]) == 4
     assert subset(x, y, None)[1] is y
+
+
+def test_corrupted_view_is_lazy_seeded_and_cached(tmp_path: Path) -> None:
+    from torch.utils.data import TensorDataset
+
+    from adaptkit.data.datasets import CorruptedView
+
+    clean = TensorDataset((torch.rand(5, 1, 28, 28) * 255).to(torch.uint8), torch.arange(5))
+    view = CorruptedView(clean, "shot_noise", 3, seed=1, cache_dir=tmp_path)
+    a = [view[i][0] for i in range(5)]
+    assert all(x.shape == (1, 28, 28) and x.dtype == torch.float32 for x in a)
+    assert len(list(view.cache.glob("*.pt"))) == 5  # type: ignore[union-attr]
+    fresh = CorruptedView(clean, "shot_noise", 3, seed=1)  # no cache: same images from the same seeds
+    assert all(torch.equal(a[i], fresh[i][0]) for i in (4, 0, 2))
+    assert not torch.equal(a[0], CorruptedView(clean, "shot_noise", 3, seed=2)[0][0])
+    assert not torch.equal(a[0], a[1])
+    with pytest.raises(ValueError):
+        CorruptedView(clean, "shot_nois", 3)
