@@ -164,12 +164,21 @@ def fmnist_source_model(
 
 
 def load_model(name: str, num_classes: int | None = None, checkpoint: str | None = None, **kw: Any) -> nn.Module:
-    """A model by name: ``fmnist_resnet`` (built-in), a torchvision name, or ``timm:<name>`` / a timm name.
+    """A model by name: ``fmnist_resnet`` (built-in), a torchvision name, ``timm:<name>`` / a timm name, or the
+    path of a whole pickled model (``torch.save(model, path)``; unpickling runs code, so only load your own files).
 
     Random weights unless ``checkpoint`` (a state dict file, loaded with ``weights_only=True``) is given.
     """
     if name in ("fmnist_resnet", "fmnist-resnet"):
         return fmnist_source_model(**kw)
+    if Path(name).is_file():
+        obj = torch.load(name, map_location="cpu", weights_only=False)
+        if not isinstance(obj, nn.Module):
+            raise ValueError(
+                f"{name} holds a {type(obj).__name__}, not a model; pass a state dict with --checkpoint and the "
+                "architecture's name with --model"
+            )
+        return obj.eval()
     import torchvision
 
     extra = {} if num_classes is None else {"num_classes": num_classes}

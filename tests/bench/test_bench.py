@@ -105,3 +105,17 @@ def test_summary_metrics_by_hand() -> None:
     s = {x["method"]: x for x in summarize(rows, "imagenet_c")}
     assert s["m"]["mce_baseline"] == "alexnet"
     assert s["m"]["mce"] == pytest.approx(100 * (30 / 81.9324 + 20 / 86.6816) / 2)
+
+
+def test_load_model_from_a_pickled_module(tmp_path: Path) -> None:
+    import torch
+
+    from adaptkit.bench.models import SmallResNet, load_model
+
+    net = SmallResNet(1, 3, width=4)
+    torch.save(net, tmp_path / "net.pt")
+    loaded = load_model(str(tmp_path / "net.pt"))
+    assert isinstance(loaded, SmallResNet) and not loaded.training
+    torch.save(net.state_dict(), tmp_path / "sd.pt")
+    with pytest.raises(ValueError, match="--checkpoint"):
+        load_model(str(tmp_path / "sd.pt"))
