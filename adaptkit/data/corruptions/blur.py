@@ -8,13 +8,14 @@ Reference: ``disk`` / ``defocus_blur`` and ``gaussian_blur`` in ``make_cifar_c.p
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import ClassVar
 
 import torch
 
 from adaptkit.data.corruptions._base import Corruption, Params, functional
-from adaptkit.data.corruptions._ops import cv_gaussian_kernel1d, filter2d, gaussian_filter, pad2d
+from adaptkit.data.corruptions._ops import cv_gaussian_kernel1d, fft_filter2d, filter2d, gaussian_filter, pad2d
 
 
 def disk_kernel(radius: float, alias_blur: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -44,6 +45,12 @@ def disk_kernel(radius: float, alias_blur: float, dtype: torch.dtype, device: to
     return d.to(device=device, dtype=dtype)
 
 
+@functools.lru_cache(maxsize=32)
+def _cached_disk(radius: float, alias_blur: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """:func:`disk_kernel`, built once per parameters (``apply`` calls the transform once per CPU chunk)."""
+    return disk_kernel(radius, alias_blur, dtype, device)
+
+
 class DefocusBlur(Corruption):
     """Out-of-focus blur: correlation with an anti-aliased disk of ``radius`` px (CIFAR 0.3-1.5, ImageNet 3-10)."""
 
@@ -51,8 +58,15 @@ class DefocusBlur(Corruption):
     batch_dims: ClassVar[dict[str, int] | None] = {}
     stochastic = False
 
+    #: on the CPU, kernels at least this wide are applied in the Fourier domain (measured at 224 px, batch 64,
+    #: 1 thread: ~650 images/s for any size against 780 / 640 / 420 / ~300 / ~250 for the direct depthwise
+    #: convolution with the 9 / 11 / 15 / 17 / 21 px ImageNet disks)
+    fft_min_size: ClassVar[int] = 13
+
     def transform(self, x: torch.Tensor, params: Params) -> torch.Tensor:
-        k = disk_kernel(float(params["radius"]), float(params["alias_blur"]), x.dtype, x.device)
+        k = _cached_disk(float(params["radius"]), float(params["alias_blur"]), x.dtype, x.device)
+        if x.device.type == "cpu" and min(k.shape) >= self.fft_min_size:
+            return fft_filter2d(x, k, "reflect")
         return filter2d(x, k, "reflect")
 
 
