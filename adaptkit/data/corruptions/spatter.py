@@ -61,8 +61,19 @@ def _canny_like(img8: torch.Tensor, low: float = 50.0, high: float = 150.0, hyst
     strong = mag > high
     weak = mag > low
     for _ in range(hysteresis_steps):  # grow strong edges into connected weak ones
-        strong = weak & (F.max_pool2d(strong.to(img8.dtype), 3, stride=1, padding=1) > 0)
+        strong = weak & _dilate3(strong)
     return strong
+
+
+def _dilate3(m: torch.Tensor) -> torch.Tensor:
+    """3 x 3 binary dilation of a boolean ``(..., H, W)`` map (= ``max_pool2d(3, stride 1, padding 1) > 0``)."""
+    r = m.clone()
+    r[..., :, 1:] |= m[..., :, :-1]
+    r[..., :, :-1] |= m[..., :, 1:]
+    out = r.clone()
+    out[..., 1:, :] |= r[..., :-1, :]
+    out[..., :-1, :] |= r[..., 1:, :]
+    return out
 
 
 def _chamfer_distance(edges: torch.Tensor, cap: float = 20.0) -> torch.Tensor:
@@ -70,15 +81,21 @@ def _chamfer_distance(edges: torch.Tensor, cap: float = 20.0) -> torch.Tensor:
     d = torch.where(
         edges, torch.zeros_like(edges, dtype=torch.float32), torch.full_like(edges, cap, dtype=torch.float32)
     )
-    h, w = d.shape[-2:]
-    steps = [(dy, dx, 1.0 if dy == 0 or dx == 0 else 1.4) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
+    # each step: d = min(d, min(4 axial neighbours) + 1, min(4 diagonal neighbours) + 1.4); the neighbour minima
+    # are built from a horizontal pair minimum (float min and +w commute exactly, so this is the 8-tap update)
+    p = F.pad(d, (1, 1, 1, 1), value=cap)
+    hmin = torch.empty_like(p[..., :, 1:-1])
+    axial = torch.empty_like(d)
+    diag = torch.empty_like(d)
     for _ in range(int(cap)):
-        p = F.pad(d, (1, 1, 1, 1), value=cap)
-        best = d
-        for dy, dx, wgt in steps:
-            best = torch.minimum(best, p[..., 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] + wgt)
-        d = best
-    return d.clamp(max=cap)
+        torch.minimum(p[..., :, :-2], p[..., :, 2:], out=hmin)  # (H + 2, W): min of left / right neighbours
+        torch.minimum(p[..., :-2, 1:-1], p[..., 2:, 1:-1], out=axial)
+        torch.minimum(axial, hmin[..., 1:-1, :], out=axial)
+        torch.minimum(hmin[..., :-2, :], hmin[..., 2:, :], out=diag)
+        inner = p[..., 1:-1, 1:-1]
+        torch.minimum(inner, axial.add_(1.0), out=axial)
+        torch.minimum(axial, diag.add_(1.4), out=inner)
+    return p[..., 1:-1, 1:-1].clamp(max=cap)
 
 
 def _equalize_hist(img8: torch.Tensor) -> torch.Tensor:
