@@ -116,16 +116,11 @@ class ImpulseNoise(Corruption):
         return torch.where(u < amount, (u >= 0.5 * amount).to(x.dtype), x)
 
 
-class SpeckleNoise(Corruption):
-    """Multiplicative noise ``x + x * N(0, sigma^2)`` (extra corruption; CIFAR 0.06-0.2, ImageNet 0.15-0.6)."""
+class SpeckleNoise(GaussianNoise):
+    """Multiplicative noise ``x + x * N(0, sigma^2)`` (extra corruption; CIFAR 0.06-0.2, ImageNet 0.15-0.6);
+    the same noise draws as :class:`GaussianNoise`."""
 
     name = "speckle_noise"
-    batch_dims: ClassVar[dict[str, int] | None] = {"seeds": 0, "noise": 0}
-
-    def sample(
-        self, shape: Shape, params: Params, gen: torch.Generator | None, device: torch.device, dtype: torch.dtype
-    ) -> Params:
-        return _sample_noise(shape, gen, device, dtype)
 
     def transform(self, x: torch.Tensor, params: Params) -> torch.Tensor:
         noise = _image_noise(x, params)
