@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from adaptkit.core.unwrap import strip_prefix
+
 
 def cache_dir() -> Path:
     """``$ADAPTKIT_CACHE`` or ``~/.cache/adaptkit``."""
@@ -179,18 +181,12 @@ def load_model(name: str, num_classes: int | None = None, checkpoint: str | None
                 "architecture's name with --model"
             )
         return obj.eval()
-    import torchvision
+    from adaptkit.cli import build_model  # one name -> model resolver for the CLI and the bench
 
-    extra = {} if num_classes is None else {"num_classes": num_classes}
-    model: nn.Module
-    if not name.startswith("timm:") and name in torchvision.models.list_models():
-        model = torchvision.models.get_model(name, weights=None, **extra)
-    else:
-        import timm
-
-        model = timm.create_model(name.removeprefix("timm:"), pretrained=False, **extra)
+    timm_only = name.startswith("timm:")
+    model, _ = build_model(name.removeprefix("timm:"), "timm" if timm_only else "auto", num_classes)
     if checkpoint:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state) if isinstance(state, dict) else state
-        model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
+        model.load_state_dict({strip_prefix(k): v for k, v in state.items()})
     return model.eval()
