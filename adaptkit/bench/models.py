@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from adaptkit.core.unwrap import strip_prefix
+from adaptkit.data.datasets import as_unit_float
 
 
 def cache_dir() -> Path:
@@ -112,7 +113,7 @@ def train_classifier(
         for lo in _progress(batches, len(batches), f"train source model, epoch {ep + 1}/{epochs}", progress):
             idx = perm[lo : lo + batch_size]
             x = images[idx].to(device)
-            x = x.float() / 255.0 if x.dtype == torch.uint8 else x
+            x = as_unit_float(x)
             y = targets[idx].to(device)
             pad = F.pad(x, (2, 2, 2, 2), mode="replicate")
             i, j = torch.randint(0, 5, (2,), generator=gen).tolist()

@@ -18,6 +18,7 @@ import torch.nn as nn
 import adaptkit
 from adaptkit.bench.models import _progress, cache_dir, load_model
 from adaptkit.bench.spec import MethodSpec
+from adaptkit.data.datasets import as_unit_float
 from adaptkit.data.streams import Domain, make_stream
 
 DEFAULT_METHODS = ("source", "bn_adapt:N=0", "bn_adapt:N=16", "tent")
@@ -269,7 +270,7 @@ def run_bench(
     if config.shift_score and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         for d in domains:
             xs = (d.x[i : i + 256] for i in range(0, min(len(d.x), 1024), 256))
-            xs = (b.float() / 255.0 if b.dtype == torch.uint8 else b for b in xs)
+            xs = (as_unit_float(b) for b in xs)
             shift[d.name] = adaptkit.shift_score(model, (b.to(config.device) for b in xs)).mean
     rows: list[dict[str, Any]] = []
     specs = [MethodSpec.parse(m) for m in config.methods]

@@ -26,6 +26,18 @@ FASHION_MNIST_CLASSES = (
 _IDX_DTYPES = {0x08: torch.uint8, 0x09: torch.int8, 0x0B: torch.int16, 0x0C: torch.int32, 0x0D: torch.float32}
 
 
+def as_unit_float(x: torch.Tensor) -> torch.Tensor:
+    """8-bit images to floats in ``[0, 1]``; any other tensor is returned as it is.
+
+    Example:
+        >>> import torch
+        >>> from adaptkit.data.datasets import as_unit_float
+        >>> as_unit_float(torch.tensor([0, 255], dtype=torch.uint8)).tolist()
+        [0.0, 1.0]
+    """
+    return x.float() / 255.0 if x.dtype == torch.uint8 else x
+
+
 def read_idx(path: str | os.PathLike[str]) -> torch.Tensor:
     """Read an IDX file (MNIST format, optionally ``.gz``) into a tensor.
 
@@ -278,7 +290,7 @@ class CorruptedView(Dataset):
         path = None if self.cache is None else self.cache / f"{i}.pt"
         if path is not None and path.is_file():
             return torch.load(path, weights_only=True).float() / 255.0, y
-        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        x = as_unit_float(x).float()
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(i))
         out = corrupt(x[None], self.corruption, self.severity, generator=gen, preset=self.preset)[0]
         out8 = (out.clamp(0, 1) * 255.0).round().to(torch.uint8)
@@ -305,7 +317,7 @@ def corrupt_tensor(
     out = []
     for lo in range(0, len(images), batch_size):
         x = images[lo : lo + batch_size].to(device)
-        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        x = as_unit_float(x).float()
         y = corrupt(x, corruption, severity, generator=gen, preset=preset)
         out.append((y.clamp(0, 1) * 255.0).round().to(torch.uint8).cpu())
     return torch.cat(out) if out else torch.empty(0, *images.shape[1:], dtype=torch.uint8)
@@ -323,6 +335,7 @@ __all__: Sequence[str] = [
     "CIFARC",
     "CorruptedDataset",
     "CorruptedView",
+    "as_unit_float",
     "FashionMNIST",
     "corrupt_tensor",
     "fashion_mnist_roots",

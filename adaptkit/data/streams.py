@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from adaptkit.data.datasets import as_unit_float
+
 
 @dataclass(frozen=True)
 class Domain:
@@ -60,10 +62,6 @@ class Batch:
     domain: str
     reset: bool = False
     index: torch.Tensor | None = None
-
-
-def _float(x: torch.Tensor) -> torch.Tensor:
-    return x.float() / 255.0 if x.dtype == torch.uint8 else x
 
 
 def dirichlet_order(labels: torch.Tensor, alpha: float, seed: int = 0, slots: int | None = None) -> torch.Tensor:
@@ -115,7 +113,7 @@ def _order(d: Domain, shuffle: bool, dirichlet: float | None, gen: torch.Generat
 def _batches(d: Domain, order: torch.Tensor, batch_size: int, reset_first: bool) -> Iterator[Batch]:
     for k, lo in enumerate(range(0, len(order), batch_size)):
         idx = order[lo : lo + batch_size]
-        yield Batch(_float(d.x[idx]), d.y[idx], d.name, reset_first and k == 0, idx)
+        yield Batch(as_unit_float(d.x[idx]), d.y[idx], d.name, reset_first and k == 0, idx)
 
 
 def _check(domains: Sequence[Domain], batch_size: int) -> None:
@@ -174,7 +172,7 @@ def mixed_domains(
 ) -> Iterator[Batch]:
     """Samples of all domains shuffled together (each batch mixes shifts); one reset at the start."""
     _check(domains, batch_size)
-    xs = torch.cat([_float(d.x) for d in domains])
+    xs = torch.cat([as_unit_float(d.x) for d in domains])
     ys = torch.cat([d.y for d in domains])
     names = [d.name for d in domains for _ in range(len(d.y))]
     gen = torch.Generator().manual_seed(seed)
