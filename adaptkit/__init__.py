@@ -15,13 +15,17 @@ from adaptkit import methods as _methods  # noqa: F401  (registers the methods)
 from adaptkit._version import __version__
 from adaptkit.core.base import TTAMethod
 from adaptkit.core.layers import list_layers
+from adaptkit.heads.ncttt import NCTTTHead
 from adaptkit.methods.bn_adapt import BNAdapt
+from adaptkit.methods.nc_ttt import NCTTT
 from adaptkit.methods.tent import Tent
 from adaptkit.registry import adapt, get_method, list_methods, register_method
 from adaptkit.shift import ShiftScore, shift_score
 
 __all__ = [
     "BNAdapt",
+    "NCTTT",
+    "NCTTTHead",
     "ShiftScore",
     "TTAMethod",
     "Tent",

@@ -17,6 +17,8 @@ PKG_DIR = Path(adaptkit.__file__).resolve().parent
 #: Update deliberately when the public surface changes.
 EXPECTED_ALL = [
     "BNAdapt",
+    "NCTTT",
+    "NCTTTHead",
     "ShiftScore",
     "TTAMethod",
     "Tent",
@@ -41,7 +43,9 @@ def test_public_name_importable(name: str) -> None:
     exec(f"from adaptkit import {name}", {})
 
 
-@pytest.mark.parametrize("pkg", ["adaptkit.core", "adaptkit.functional", "adaptkit.methods"])
+@pytest.mark.parametrize(
+    "pkg", ["adaptkit.core", "adaptkit.functional", "adaptkit.methods", "adaptkit.heads", "adaptkit.train"]
+)
 def test_subpackage_all_sorted_and_importable(pkg: str) -> None:
     mod = importlib.import_module(pkg)
     names = list(mod.__all__)

@@ -30,6 +30,7 @@ class BNStatsOverride:
         layers: ``{qualified_name: bn_module}``; every module must track running statistics.
         policy: see :data:`StatsPolicy`.
         hooks: the owning :class:`HookManager` (its ``remove_all`` detaches everything).
+        active: when given, the hooks do nothing (not even measure the input) while ``active()`` is false.
 
     Example:
         >>> import torch, torch.nn as nn
@@ -43,8 +44,15 @@ class BNStatsOverride:
         ([0.0], None)
     """
 
-    def __init__(self, layers: dict[str, nn.Module], policy: StatsPolicy, hooks: HookManager) -> None:
+    def __init__(
+        self,
+        layers: dict[str, nn.Module],
+        policy: StatsPolicy,
+        hooks: HookManager,
+        active: Callable[[], bool] | None = None,
+    ) -> None:
         self.policy = policy
+        self.active = active
         self._lock = threading.Lock()
         self._stash: dict[int, tuple[Any, Any, bool]] = {}
         for name, module in layers.items():
@@ -53,6 +61,8 @@ class BNStatsOverride:
 
     def _make_pre(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         def pre(module: nn.Module, inputs: tuple[Any, ...]) -> None:
+            if self.active is not None and not self.active():
+                return
             x = inputs[0]
             buf = module._buffers
             # at least float32: half-precision buffers would lose the variance of large activations

@@ -11,6 +11,12 @@ from adaptkit.functional.moments import (
     merge_moments,
     prior_weight,
 )
+from adaptkit.functional.ncttt import (
+    ncttt_discriminator_loss,
+    ncttt_log_odds,
+    ncttt_noisy_views,
+    ncttt_test_loss,
+)
 
 __all__ = [
     "Moments",
@@ -18,6 +24,10 @@ __all__ = [
     "bn_prior_mix",
     "gaussian_w2",
     "merge_moments",
+    "ncttt_discriminator_loss",
+    "ncttt_log_odds",
+    "ncttt_noisy_views",
+    "ncttt_test_loss",
     "prior_weight",
     "softmax_entropy",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from adaptkit.methods.bn_adapt import BNAdapt
+from adaptkit.methods.nc_ttt import NCTTT
 from adaptkit.methods.tent import Tent
 
-__all__ = ["BNAdapt", "Tent"]
+__all__ = ["BNAdapt", "NCTTT", "Tent"]

@@ -1,0 +1,183 @@
+"""Run a model only up to a chosen layer (no compute above it), on any architecture, through hooks.
+
+A forward hook on the deepest tapped module raises a private exception carrying that module's output; the
+caller catches it, so the rest of the model's ``forward`` never runs. Nothing depends on how the model is
+written (no architecture tables, no ``nn.Sequential`` slicing), which is what lets the test-time-training
+methods truncate a torchvision, timm or home-made CNN alike. The same machinery finds which modules run
+*before* a layer (the "encoder up to and including the tapped layer" those methods adapt).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from adaptkit.core.hooks import HookManager
+
+
+class _StopForward(Exception):
+    """Raised by the stop hook; carries the tapped outputs up to :meth:`ForwardStopper.run`."""
+
+    def __init__(self, outputs: dict[str, torch.Tensor]) -> None:
+        super().__init__("adaptkit truncated forward")
+        self.outputs = outputs
+
+
+def _first_tensor(output: Any) -> torch.Tensor | None:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    return None
+
+
+class ForwardStopper:
+    """Captures the outputs of ``layers`` and, when armed, stops the forward right after the last of them.
+
+    "Last" is decided at run time: the forward stops as soon as every requested layer has produced an
+    output, so the layer order in the model's ``forward`` does not have to match the order given. When not
+    armed the hooks only capture (a full forward, e.g. for the final prediction, still fills
+    :attr:`last_outputs`).
+
+    Args:
+        modules: ``{qualified_name: module}`` to capture, in any order.
+        hooks: the owning :class:`~adaptkit.core.HookManager`.
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> from adaptkit.core import HookManager
+        >>> from adaptkit.core.truncate import ForwardStopper
+        >>> calls = []
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> _ = net[2].register_forward_pre_hook(lambda m, i: calls.append("head"))
+        >>> stop = ForwardStopper({"0": net[0]}, HookManager())
+        >>> stop.run(net, torch.zeros(5, 3))["0"].shape, calls
+        (torch.Size([5, 4]), [])
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], hooks: HookManager) -> None:
+        if not modules:
+            raise ValueError("ForwardStopper needs at least one module to stop at")
+        self.names = list(modules)
+        self._local = threading.local()
+        for name, module in modules.items():
+            hooks.forward(module, self._make_hook(name))
+
+    def _state(self) -> dict[str, Any]:
+        st = getattr(self._local, "state", None)
+        if st is None:
+            st = self._local.state = {"armed": False, "outputs": {}}
+        return st
+
+    def _make_hook(self, name: str) -> Any:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            st = self._state()
+            out = _first_tensor(output)
+            if out is None:
+                raise TypeError(
+                    f"adaptkit: layer {name!r} returned {type(output).__name__}, not a tensor; tap a module whose "
+                    "output is a feature map (see adaptkit.list_layers(model))"
+                )
+            if name not in st["outputs"]:  # a module called twice: keep its first output
+                st["outputs"][name] = out
+            if st["armed"] and len(st["outputs"]) == len(self.names):
+                raise _StopForward(dict(st["outputs"]))
+
+        return hook
+
+    def run(self, model: nn.Module, x: Any) -> dict[str, torch.Tensor]:
+        """Forward ``x`` through ``model`` until every tapped layer has run; return ``{name: output}``.
+
+        Raises:
+            RuntimeError: the forward finished without running some tapped layer (it is not used by
+                ``model.forward`` for this input).
+        """
+        st = self._state()
+        st["armed"], st["outputs"] = True, {}
+        try:
+            model(x)
+        except _StopForward as stop:
+            return stop.outputs
+        finally:
+            st["armed"] = False
+            got, st["outputs"] = st["outputs"], {}
+        missing = [n for n in self.names if n not in got]
+        raise RuntimeError(
+            f"adaptkit: the model's forward never ran layer(s) {missing}; choose a layer the forward uses "
+            "(adaptkit.list_layers(model) lists them)"
+        )
+
+    def capture(self, model: nn.Module, x: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+        """A full forward that also returns the tapped outputs: ``(model_output, {name: output})``."""
+        st = self._state()
+        st["armed"], st["outputs"] = False, {}
+        try:
+            out = model(x)
+        finally:
+            got, st["outputs"] = st["outputs"], {}
+        return out, got
+
+
+def probe_upstream(model: nn.Module, layers: Sequence[str], example: Any) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """Which modules run before the forward reaches all of ``layers`` (included), and the layers' outputs,
+    found by a truncated probe forward on ``example`` under ``no_grad``. Run it with the model in eval mode so
+    no BN buffer is written; nothing else is changed and every probe hook is removed.
+
+    Returns:
+        ``(names, outputs)``: qualified names in execution order (containers listed when entered) and
+        ``{layer: output}``.
+
+    Example:
+        >>> import torch, torchvision
+        >>> from adaptkit.core.truncate import probe_upstream
+        >>> m = torchvision.models.resnet18().eval()
+        >>> names, out = probe_upstream(m, ["layer1"], torch.zeros(1, 3, 32, 32))
+        >>> names[:4], "layer2" in names, "fc" in names, tuple(out["layer1"].shape)
+        (['conv1', 'bn1', 'relu', 'maxpool'], False, False, (1, 64, 8, 8))
+    """
+    hooks = HookManager()
+    seen: list[str] = []
+    named = dict(model.named_modules())
+    try:
+        for name, module in named.items():
+            if name:
+                hooks.forward_pre(module, lambda m, i, _n=name: seen.append(_n))
+        stopper = ForwardStopper({n: named[n] for n in layers}, hooks)
+        with torch.no_grad():
+            outputs = stopper.run(model, example)
+    finally:
+        hooks.remove_all()
+    return list(dict.fromkeys(seen)), outputs
+
+
+def modules_registered_before(model: nn.Module, layer: str) -> list[str]:
+    """Fallback of :func:`probe_upstream` without an example input: modules registered before ``layer``
+    ends (``layer`` and its descendants included, its ancestors excluded), in ``named_modules`` order. Equal to
+    the execution order for torchvision and timm models and for models that register layers in forward order.
+
+    Example:
+        >>> import torchvision
+        >>> from adaptkit.core.truncate import modules_registered_before
+        >>> names = modules_registered_before(torchvision.models.resnet18(), "layer1")
+        >>> names[:4], names[-1], "layer2" in names
+        (['conv1', 'bn1', 'relu', 'maxpool'], 'layer1.1.bn2', False)
+    """
+    out: list[str] = []
+    inside = False
+    for name, _ in model.named_modules():
+        if not name:
+            continue
+        if layer.startswith(name + "."):
+            continue  # an ancestor of the layer (holds later modules too)
+        if name == layer or name.startswith(layer + "."):
+            inside = True
+            out.append(name)
+            continue
+        if inside:
+            break
+        out.append(name)
+    return out

@@ -1,0 +1,8 @@
+"""Auxiliary heads for test-time training: a base with layer binding and save/load, one file per head."""
+
+from __future__ import annotations
+
+from adaptkit.heads.base import AuxHead, as_feature_map, batch_stats_mode, feature_shape
+from adaptkit.heads.ncttt import NCTTTHead
+
+__all__ = ["AuxHead", "NCTTTHead", "as_feature_map", "batch_stats_mode", "feature_shape"]
