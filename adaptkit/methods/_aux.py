@@ -9,10 +9,12 @@ BatchNorm handling (``bn_mode``), the lever the NC-TTT spec calls "silent and bi
 * ``"refresh"`` (the reference protocol): the adapted encoder's BN layers run in training form during the
   iterations (batch statistics, running statistics updated with the layer's momentum, as ``model.train()``
   does in the official code); the prediction is an eval-mode forward with the refreshed statistics. Layers
-  above the tap are never run while adapting (truncation), so their refresh is applied at prediction time in
-  closed form: after ``n`` iterations with momentum ``m`` the reference's running statistics are
-  ``(1-m)^n * running + (1-(1-m)^n) * batch`` (exact when the layer's input does not change across
-  iterations; here it is measured on the adapted features, which is what the reference's last iterations see).
+  above the tap are never run while adapting (truncation), so their refresh is done before the prediction by
+  one training-form pass over the adapted model (batch statistics everywhere, nothing else written) that
+  applies the ``n`` momentum updates the reference's ``n`` full forwards would have made, in closed form:
+  ``(1-m)^n * running + (1-(1-m)^n) * batch`` (unbiased batch variance, as torch's update). This equals the
+  reference exactly when the layers' inputs do not change across iterations; here they are measured with the
+  adapted weights (what the reference's last iterations see). Cost: one extra forward above the tap.
 * ``"batch"``: batch statistics everywhere (adaptation and prediction), running buffers never written.
 * ``"source"``: every BN layer keeps the source statistics; only weights adapt.
 """
@@ -180,7 +182,8 @@ class AuxHeadMethod(TTAMethod):
         over = {"refresh": self._above_bn, "batch": [*self._upstream_bn, *self._above_bn]}.get(self.bn_mode, [])
         if over:
             bns = {n: self._targets[n] for n in over}
-            BNStatsOverride(bns, self._bn_policy, self.hooks, active=lambda: self._phase == "predict")
+            active = "measure" if self.bn_mode == "refresh" else "predict"
+            BNStatsOverride(bns, self._bn_policy, self.hooks, active=lambda: self._phase == active)
         self._full = not self.truncate or isinstance(self.model, nn.DataParallel)
         self.optimizer = build_optimizer(
             self._opt_spec, self._all_trainable(), self.lr, self.momentum, self.weight_decay, self._who()
@@ -196,12 +199,15 @@ class AuxHeadMethod(TTAMethod):
     def _bn_policy(self, name: str, module: nn.Module, mom: Moments) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.bn_mode == "batch":
             return mom.mean, mom.var
+        # refresh (measure pass): n momentum updates of the running statistics, training-form output
         m = module.momentum if module.momentum is not None else 0.1
         keep = (1.0 - m) ** self.steps
+        unbiased = torch.nan_to_num(mom.var, nan=0.0) if mom.count < 2 else mom.var
         with torch.no_grad():
-            mean = module.running_mean.mul_(keep).add_(mom.mean.to(module.running_mean.dtype), alpha=1 - keep)
-            var = module.running_var.mul_(keep).add_(mom.var.to(module.running_var.dtype), alpha=1 - keep)
-        return mean.clone(), var.clone()
+            module.running_mean.mul_(keep).add_(mom.mean.to(module.running_mean.dtype), alpha=1 - keep)
+            module.running_var.mul_(keep).add_(unbiased.to(module.running_var.dtype), alpha=1 - keep)
+        biased = unbiased * ((mom.count - 1) / mom.count)
+        return mom.mean, biased
 
     # ------------------------------------------------------------------ adaptation
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -227,10 +233,20 @@ class AuxHeadMethod(TTAMethod):
 
     def predict(self, x: Any, last: Any) -> Any:
         ups = [self._targets[n] for n in self._upstream_bn]
-        for m in ups:
-            m.training = False  # eval form for the prediction (the reference's model.eval() re-forward)
-        self._phase = "predict"
         try:
+            if self.bn_mode == "refresh" and self._above_bn:
+                tracks = [m.track_running_stats for m in ups]
+                for m in ups:
+                    m.track_running_stats = False  # batch statistics, no further update of the adapted layers
+                self._phase = "measure"
+                try:
+                    self.model(x)
+                finally:
+                    for m, t in zip(ups, tracks):
+                        m.track_running_stats = t
+            for m in ups:
+                m.training = False  # eval form for the prediction (the reference's model.eval() re-forward)
+            self._phase = "predict"
             return self.model(x)
         finally:
             self._phase = "adapt"
