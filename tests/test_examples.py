@@ -30,6 +30,13 @@ def run_example(name: str, *args: str, quick: bool = True, timeout: float = 300)
     return res.stdout
 
 
+def test_ncttt_quickstart() -> None:
+    out = run_example("ncttt_quickstart.py")
+    assert "head trained on ['layer1']" in out
+    assert "reloaded head: mode=pixel" in out
+    assert "NC-TTT" in out and "model unchanged after the with block: True" in out
+
+
 def test_wrap_torchvision() -> None:
     out = run_example("wrap_torchvision.py")
     assert out.count("model unchanged after the with block: True") == 2
@@ -90,6 +97,7 @@ DOC_FILES = [
     "docs/cli.md",
     "docs/methods/bn_adapt.md",
     "docs/methods/tent.md",
+    "docs/methods/ncttt.md",
 ]
 
 _RUN_DOC_BLOCKS = r"""
