@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.models import resnet as _tv_resnet
 
 from adaptkit.core.unwrap import strip_prefix
 from adaptkit.data.datasets import as_unit_float
@@ -70,6 +71,97 @@ class SmallResNet(nn.Module):
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(self.pool(x).flatten(1))
+
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # the normalisation of the NC-TTT / ClusT3 / TTT++ CIFAR code
+CIFAR10_STD = (0.2023, 0.1994, 0.2010)
+CIFAR_RESNETS = {"resnet10": [1, 1, 1, 1], "resnet18": [2, 2, 2, 2], "resnet26": [2, 2, 2, 2],
+                 "resnet34": [3, 4, 6, 3], "resnet50": [3, 4, 6, 3], "resnet101": [3, 4, 23, 3]}  # fmt: skip
+
+
+class CIFARResNet(_tv_resnet.ResNet):
+    """torchvision's :class:`~torchvision.models.ResNet` with the CIFAR stem of the TTT literature (NC-TTT,
+    ClusT3, TTT++): a 3x3 stride-1 conv + BN + ReLU, no max-pool (``maxpool`` is an ``Identity``), so at 32 px
+    ``layer1..layer4`` give 32, 16, 8 and 4 px maps; then global average pooling (the 4x4 pool) and ``fc``.
+
+    Inputs are images in ``[0, 1]``: the normalisation is part of the model (``mean``/``std`` buffers, not
+    in the state dict), so corruptions and released corrupted sets go in raw. Stage names are torchvision's,
+    so adaptkit's ``layer=2`` is ``layer2``. Build it with :func:`cifar_resnet` / :func:`cifar_resnet50`.
+
+    Args:
+        block: ``BasicBlock`` or ``Bottleneck``.
+        layers: blocks per stage.
+        num_classes: classifier outputs.
+        width: channels of the stem and ``layer1`` (64 = the standard ResNet; stages double it). Smaller
+            values give cheap models for smoke tests.
+        mean / std: per-channel normalisation (``None``: none).
+    """
+
+    def __init__(
+        self,
+        block: type[nn.Module],
+        layers: list[int],
+        num_classes: int = 10,
+        width: int = 64,
+        mean: tuple[float, ...] | None = CIFAR10_MEAN,
+        std: tuple[float, ...] | None = CIFAR10_STD,
+    ) -> None:
+        object.__setattr__(self, "_width", int(width))  # read by _make_layer during super().__init__
+        super().__init__(block, layers, num_classes=num_classes)  # type: ignore[arg-type]
+        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
+        self.bn1 = nn.BatchNorm2d(width)
+        self.maxpool = nn.Identity()
+        self.fc = nn.Linear(8 * width * getattr(block, "expansion", 1), num_classes)
+        self.register_buffer("mean", None if mean is None else torch.tensor(mean).view(1, -1, 1, 1), False)
+        self.register_buffer("std", None if std is None else torch.tensor(std).view(1, -1, 1, 1), False)
+
+    def _make_layer(self, block: Any, planes: int, blocks: int, stride: int = 1, dilate: bool = False) -> Any:
+        if planes == 64:  # the first stage: its input is the (resized) stem
+            self.inplanes = self._width
+        return super()._make_layer(block, planes * self._width // 64, blocks, stride, dilate)
+
+    def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mean is not None and self.std is not None:
+            x = (x - self.mean) / self.std
+        return super()._forward_impl(x)
+
+
+def cifar_resnet(
+    arch: str = "resnet50",
+    num_classes: int = 10,
+    width: int = 64,
+    mean: tuple[float, ...] | None = CIFAR10_MEAN,
+    std: tuple[float, ...] | None = CIFAR10_STD,
+) -> CIFARResNet:
+    """A randomly initialised :class:`CIFARResNet`: ``arch`` in :data:`CIFAR_RESNETS` (``resnet18/34``: basic
+    blocks, ``resnet26/50/101``: bottlenecks; ``resnet10``: one basic block per stage, for smoke tests).
+
+    Example:
+        >>> import torch
+        >>> from adaptkit.bench.models import cifar_resnet
+        >>> cifar_resnet("resnet10", num_classes=10, width=8)(torch.rand(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
+    """
+    if arch not in CIFAR_RESNETS:
+        raise ValueError(f"cifar_resnet: unknown arch {arch!r}; choose from {sorted(CIFAR_RESNETS)}")
+    basic = arch in ("resnet10", "resnet18", "resnet34")
+    block = _tv_resnet.BasicBlock if basic else _tv_resnet.Bottleneck
+    return CIFARResNet(block, CIFAR_RESNETS[arch], num_classes, width, mean, std)
+
+
+def cifar_resnet50(num_classes: int = 10, **kwargs: Any) -> CIFARResNet:
+    """The CIFAR ResNet-50 of NC-TTT / ClusT3 (spec ncttt.md 1.1): Bottleneck ``[3, 4, 6, 3]``, 3x3 stride-1
+    stem (64) + BN + ReLU, no max-pool, pool, ``fc(2048 -> num_classes)``; at 32 px ``layer2`` is 512x16x16.
+    ``kwargs`` go to :class:`CIFARResNet` (``width``, ``mean``, ``std``).
+
+    Example:
+        >>> import torch
+        >>> from adaptkit.bench.models import cifar_resnet50
+        >>> cifar_resnet50(10)(torch.rand(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
+    """
+    return cifar_resnet("resnet50", num_classes, **kwargs)
 
 
 def _progress(it: Any, total: int, desc: str, enabled: bool = True) -> Any:

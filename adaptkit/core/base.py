@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Iterator
 from typing import Any, ClassVar
@@ -329,7 +330,9 @@ class TTAMethod(nn.Module):
             for k, v in tensors.items():
                 live[k].copy_(v)
         if self.optimizer is not None and _RESERVED + "optimizer" in state:
-            self.optimizer.load_state_dict(state[_RESERVED + "optimizer"])
+            # a copy: torch keeps the given tensors as optimizer state (same dtype and device), so later in-place
+            # steps would otherwise rewrite the caller's state dict (and a second load of it would differ)
+            self.optimizer.load_state_dict(copy.deepcopy(state[_RESERVED + "optimizer"]))
         prefix = _RESERVED + "state."
         self.load_method_state({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
 

@@ -1,5 +1,5 @@
-"""Datasets from disk: Fashion-MNIST (IDX), CIFAR-10-C / CIFAR-100-C (.npy), ImageNet-C (folders), and a
-corrupted-on-the-fly view of any clean dataset with an on-disk cache.
+"""Datasets from disk: Fashion-MNIST (IDX), CIFAR-10 / CIFAR-100 (python pickles), CIFAR-10-C / CIFAR-100-C
+(.npy), ImageNet-C (folders), and a corrupted-on-the-fly view of any clean dataset with an on-disk cache.
 
 No function here downloads anything unless asked (``download=True`` for Fashion-MNIST via torchvision).
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import pickle
 import struct
 from collections.abc import Sequence
 from pathlib import Path
@@ -142,6 +143,124 @@ class FashionMNIST(_Uint8Images):
         self.images = ds.data.unsqueeze(1).clone()
         self.targets = ds.targets.long().clone()
         self.source = str(target)
+
+
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)  # fmt: skip
+
+#: the only globals a CIFAR python pickle may name (numpy array reconstruction; bytes under protocol 2)
+_PICKLE_ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+}  # fmt: skip
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """An unpickler that builds numpy arrays, dicts, lists and strings only (no arbitrary code)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _PICKLE_ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not a CIFAR python batch file")
+        import importlib
+
+        import numpy as np
+
+        if module.startswith("numpy.core") and hasattr(np, "_core"):  # numpy 2 renamed numpy.core
+            module = module.replace("numpy.core", "numpy._core", 1)
+        return getattr(importlib.import_module(module), name)
+
+
+def read_cifar_batch(path: str | os.PathLike[str], label_key: bytes = b"labels") -> tuple[torch.Tensor, torch.Tensor]:
+    """One file of the official CIFAR python release as ``(uint8 images (N, 3, 32, 32), labels (N,))``.
+
+    The file is a pickled dict with ``b"data"`` (``N x 3072`` uint8, channel-major: 1024 red, 1024 green,
+    1024 blue values per row) and ``label_key`` (``b"labels"``; CIFAR-100: ``b"fine_labels"`` or
+    ``b"coarse_labels"``). Only numpy arrays and plain containers are unpickled, never arbitrary objects.
+
+    Example:
+        >>> import os, pickle, tempfile
+        >>> import numpy as np
+        >>> from adaptkit.data.datasets import read_cifar_batch
+        >>> p = os.path.join(tempfile.mkdtemp(), "test_batch")
+        >>> with open(p, "wb") as f:
+        ...     pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": [3, 5]}, f)
+        >>> x, y = read_cifar_batch(p)
+        >>> tuple(x.shape), y.tolist()
+        ((2, 3, 32, 32), [3, 5])
+    """
+    import numpy as np
+
+    with open(path, "rb") as f:
+        blob = _ArrayUnpickler(f, encoding="bytes").load()
+    if not isinstance(blob, dict) or b"data" not in blob or label_key not in blob:
+        keys = sorted(blob) if isinstance(blob, dict) else type(blob).__name__
+        raise ValueError(f"{path} is not a CIFAR python batch with b'data' and {label_key!r} (found {keys})")
+    data = np.asarray(blob[b"data"], dtype=np.uint8)
+    images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
+    targets = torch.as_tensor(np.asarray(blob[label_key], dtype=np.int64))
+    if len(images) != len(targets):
+        raise ValueError(f"{path}: {len(images)} images but {len(targets)} labels")
+    return images, targets
+
+
+class CIFAR10(_Uint8Images):
+    """CIFAR-10 from the official python release, as float images ``(3, 32, 32)`` in ``[0, 1]`` and labels.
+
+    Layout (``cifar-10-python.tar.gz`` from https://www.cs.toronto.edu/~kriz/cifar.html, extracted):
+    ``<root>/cifar-10-batches-py/{data_batch_1..5, test_batch}`` (``root`` may also be that folder itself).
+    Search order: ``root``, ``$ADAPTKIT_DATA``. Nothing is downloaded. ``images`` (uint8 ``(N, 3, 32, 32)``)
+    and ``targets`` give the whole split as tensors.
+
+    Args:
+        root: the folder holding ``cifar-10-batches-py`` (or that folder).
+        train: the 50k training split (five batches), else the 10k test split.
+    """
+
+    classes: tuple[str, ...] | None = CIFAR10_CLASSES
+    folder = "cifar-10-batches-py"
+    label_key = b"labels"
+    train_files: tuple[str, ...] = tuple(f"data_batch_{i}" for i in range(1, 6))
+    test_files: tuple[str, ...] = ("test_batch",)
+    url = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+
+    def __init__(self, root: str | os.PathLike[str] | None = None, train: bool = False) -> None:
+        files = self.train_files if train else self.test_files
+        roots = [Path(root)] if root is not None else []
+        if os.environ.get("ADAPTKIT_DATA"):
+            roots.append(Path(os.environ["ADAPTKIT_DATA"]))
+        for r in roots:
+            for d in (r / self.folder, r):
+                if all((d / f).is_file() for f in files):
+                    parts = [read_cifar_batch(d / f, self.label_key) for f in files]
+                    self.images = torch.cat([p[0] for p in parts])
+                    self.targets = torch.cat([p[1] for p in parts])
+                    self.source = str(d)
+                    return
+        searched = ", ".join(str(r) for r in roots) or "nothing: pass root= or set $ADAPTKIT_DATA"
+        raise FileNotFoundError(
+            f"{type(self).__name__} files not found (searched {searched}). Expected "
+            f"<root>/{self.folder}/{{{', '.join(files)}}} (the official python release: download {self.url} and "
+            "extract it under root, or set $ADAPTKIT_DATA to that folder). adaptkit does not download it."
+        )
+
+
+class CIFAR100(CIFAR10):
+    """CIFAR-100 from the official python release (``<root>/cifar-100-python/{train, test}``, fine labels
+    ``0..99``); see :class:`CIFAR10` for the search order and attributes.
+
+    Args:
+        root: the folder holding ``cifar-100-python`` (or that folder).
+        train: the 50k training split, else the 10k test split.
+    """
+
+    classes = None
+    folder = "cifar-100-python"
+    label_key = b"fine_labels"
+    train_files = ("train",)
+    test_files = ("test",)
+    url = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 
 
 class CIFARC(_Uint8Images):
@@ -332,6 +451,8 @@ def subset(images: torch.Tensor, targets: torch.Tensor, n: int | None, seed: int
 
 
 __all__: Sequence[str] = [
+    "CIFAR10",
+    "CIFAR100",
     "CIFARC",
     "CorruptedDataset",
     "CorruptedView",
@@ -340,6 +461,7 @@ __all__: Sequence[str] = [
     "corrupt_tensor",
     "fashion_mnist_roots",
     "imagenet_c",
+    "read_cifar_batch",
     "read_idx",
     "subset",
 ]

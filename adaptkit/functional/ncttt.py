@@ -56,11 +56,12 @@ def ncttt_noisy_views(
     scale[: z.shape[0]] = sigma
     scale[z.shape[0] :] = sigma * alpha
     eps = eps * scale.view(-1, *([1] * (z.dim() - 1)))
+    e = eps.to(torch.promote_types(eps.dtype, torch.float32))  # labels in >= float32: D ln(alpha) overflows fp16
     if per_pixel and z.dim() > 2:
-        sq = eps.pow(2).sum(dim=1, keepdim=True)
+        sq = e.pow(2).sum(dim=1, keepdim=True)
         dim = z.shape[1]
     else:
-        sq = eps.flatten(1).pow(2).sum(dim=1, keepdim=True)
+        sq = e.flatten(1).pow(2).sum(dim=1, keepdim=True)
         dim = int(z[0].numel())
     labels = torch.sigmoid(ncttt_log_odds(sq, dim, sigma, alpha))
     return torch.cat([z, z]) + eps, labels

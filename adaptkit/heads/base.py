@@ -117,9 +117,10 @@ class AuxHead(nn.Module):
             return
         bound = self.binding["layers"]
         if list(layers) != list(bound):
+            hint = bound[0] if len(bound) == 1 else list(bound)  # a multi-layer head needs the whole list
             raise ValueError(
                 f"{who}: this {type(self).__name__} was trained on layer(s) {bound} of a "
-                f"{self.binding.get('model') or 'model'}, not {list(layers)}; pass layer={bound[0]!r} or train a "
+                f"{self.binding.get('model') or 'model'}, not {list(layers)}; pass layer={hint!r} or train a "
                 f"head for this layer with {who}.train_head(model, layer=...)"
             )
         cls = self.binding.get("model")
