@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 import adaptkit
+from adaptkit.bench.heads import needs_head, prepare_head
 from adaptkit.bench.models import _progress, cache_dir, load_model
 from adaptkit.bench.spec import MethodSpec
 from adaptkit.data.datasets import as_unit_float
@@ -125,6 +126,18 @@ def _clean_data(config: BenchConfig) -> tuple[torch.Tensor, torch.Tensor] | None
     return None
 
 
+def _train_data(config: BenchConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The source training split (for the auxiliary heads of test-time-training methods), when the dataset has one."""
+    if config.dataset in ("fashion_mnist", "fmnist"):
+        from adaptkit.data.datasets import FashionMNIST
+
+        ds = FashionMNIST(config.data_root, train=True)
+        return ds.images, ds.targets
+    if config.dataset == "synthetic":
+        return synthetic_data(seed=config.seed)
+    return None
+
+
 def build_model(config: BenchConfig) -> nn.Module:
     """The source model of a run (the built-in one is trained on first use and cached)."""
     if config.model in ("fmnist_resnet", "fmnist-resnet") and config.dataset == "synthetic":
@@ -205,10 +218,14 @@ def evaluate(
     domains: Sequence[Domain],
     config: BenchConfig,
     batch_size: int,
+    head: Any = None,
 ) -> dict[str, dict[str, float]]:
     """Run one method over a stream of ``domains``; returns ``{domain: {correct, n, seconds}}``."""
     device = torch.device(config.device)
-    wrapper = None if spec.name == "source" else adaptkit.adapt(model, spec.name, **spec.overrides)
+    kwargs = {k: v for k, v in spec.overrides.items() if not k.startswith("head.")}
+    if head is not None:
+        kwargs["head"] = head
+    wrapper = None if spec.name == "source" else adaptkit.adapt(model, spec.name, **kwargs)
     stats: dict[str, dict[str, float]] = {}
     amp = (
         torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16)
@@ -246,6 +263,7 @@ def run_bench(
     write: bool = True,
     model: nn.Module | None = None,
     data: tuple[torch.Tensor, torch.Tensor] | None = None,
+    train_data: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> BenchResult:
     """Run a benchmark and (with ``write``) write its report directory.
 
@@ -254,6 +272,8 @@ def run_bench(
         write: write ``report.md``, JSON, CSV and plots to ``config.out_dir`` (default ``reports/bench-<time>``).
         model: your own model object instead of ``config.model`` (set ``config.model`` to a label for it).
         data: your own clean test data ``(images in [0, 1] or uint8, labels)``, corrupted on the fly.
+        train_data: source training data for the heads of test-time-training methods (NC-TTT, TTT, ...);
+            default: the dataset's training split when it has one.
 
     Example:
         >>> from adaptkit.bench import BenchConfig, run_bench
@@ -274,6 +294,15 @@ def run_bench(
             shift[d.name] = adaptkit.shift_score(model, (b.to(config.device) for b in xs)).mean
     rows: list[dict[str, Any]] = []
     specs = [MethodSpec.parse(m) for m in config.methods]
+    heads: dict[str, tuple[Any, nn.Module]] = {}
+    for spec in specs:
+        if spec.name != "source" and needs_head(spec.name):
+            if train_data is None:
+                train_data = _train_data(config)
+            heads[spec.label] = prepare_head(
+                model, spec, train_data, cache_dir() / "heads", config.model, config.seed, config.device,
+                config.progress,
+            )  # fmt: skip
     for point in _sweep_points(config.sweep):
         bs = int(point.get("batch_size", config.batch_size))
         sev = point.get("severity")
@@ -281,8 +310,9 @@ def run_bench(
         for spec0 in specs:
             spec = _apply_point(spec0, point)
             groups = [doms] + ([[clean]] if clean is not None and config.clean and sev is None else [])
+            head, used = heads.get(spec0.label, (None, model))
             for group in groups:
-                for dom, s in evaluate(model, spec, group, config, bs).items():
+                for dom, s in evaluate(used, spec, group, config, bs, head).items():
                     d = next((x for x in group if x.name == dom), None)
                     acc = 100.0 * s["correct"] / max(s["n"], 1)
                     rows.append({

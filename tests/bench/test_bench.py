@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
+import torch.nn as nn
 
 from adaptkit.bench.report import summarize
 from adaptkit.bench.spec import MethodSpec, parse_sweep, parse_value
@@ -119,3 +121,26 @@ def test_load_model_from_a_pickled_module(tmp_path: Path) -> None:
     torch.save(net.state_dict(), tmp_path / "sd.pt")
     with pytest.raises(ValueError, match="--checkpoint"):
         load_model(str(tmp_path / "sd.pt"))
+
+
+def test_bench_trains_caches_and_loads_aux_heads(tmp_path: Path) -> None:
+    """NC-TTT in a benchmark: the head is trained on the training split, cached, reused, or loaded by path."""
+    from adaptkit.bench import BenchConfig, run_bench
+    from adaptkit.bench.heads import needs_head, prepare_head, split_overrides
+
+    assert needs_head("ncttt") and not needs_head("tent")
+    assert split_overrides({"lr": 1, "head.embed_dim": 4}) == ({"lr": 1}, {"embed_dim": 4})
+    spec = "ncttt:steps=2,lr=1e-3,head.epochs=1,head.embed_dim=4,head.n=64"
+    cfg = BenchConfig(dataset="synthetic", corruptions=["gaussian_noise"], severities=[5], methods=["source", spec],
+                      batch_size=32, n_samples=64, progress=False, clean=False)  # fmt: skip
+    res = run_bench(cfg, write=False)
+    acc = {r["method"]: r["accuracy"] for r in res.rows}
+    assert set(acc) == {"source", "ncttt(steps=2,lr=0.001,head.epochs=1,head.embed_dim=4,head.n=64)"}
+    cached = list((Path(os.environ["ADAPTKIT_CACHE"]) / "heads").glob("ncttt_*.pt"))
+    assert len(cached) == 1
+    again = run_bench(cfg, write=False)  # the cached head gives the same numbers
+    assert {r["method"]: r["accuracy"] for r in again.rows} == acc
+    by_path = BenchConfig(**{**cfg.__dict__, "methods": [f"ncttt:steps=2,lr=1e-3,head.path={cached[0]}"]})
+    assert run_bench(by_path, write=False).rows[0]["accuracy"] == acc[next(k for k in acc if k != "source")]
+    with pytest.raises(ValueError, match="needs a trained head"):
+        prepare_head(nn.Linear(2, 2), MethodSpec.parse("ncttt"), None, None, "m", 0, "cpu", False)
