@@ -33,8 +33,13 @@ def _reference_size(height: int, width: int, preset: str) -> float:
     return side if preset == "cifar" else 244.0 * side / 224.0
 
 
-def _affine_source_grid(points: torch.Tensor, moved: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Source pixel coordinates ``(B, H, W, 2)`` (x, y) of the affine map sending ``points`` to ``moved``."""
+def _affine_grid(points: torch.Tensor, moved: torch.Tensor, h: int, w: int, dtype: torch.dtype) -> torch.Tensor:
+    """``grid_sample`` grid ``(B, H, W, 2)`` (``align_corners=True``) of the affine map taking ``points`` to ``moved``.
+
+    The source of destination pixel ``(x, y)`` is ``[x y 1] @ inv`` (float64); each normalised coordinate
+    ``2 src / (n - 1) - 1`` is an affine function ``a x + b y + c`` of the pixel, evaluated as a column term
+    plus a row term (the normalisation folded into ``a, b, c``) and rounded to ``dtype`` once.
+    """
     b = moved.shape[0]
     ones = torch.ones(b, 3, 1, dtype=moved.dtype, device=moved.device)
     src = torch.cat([points.expand(b, 3, 2), ones], dim=2)  # (B, 3, 3)
@@ -43,13 +48,14 @@ def _affine_source_grid(points: torch.Tensor, moved: torch.Tensor, h: int, w: in
     full[:, :, :2] = m
     full[:, 2, 2] = 1.0
     inv = torch.linalg.inv(full)  # dst [x y 1] @ inv -> src
-    ys, xs = torch.meshgrid(
-        torch.arange(h, dtype=moved.dtype, device=moved.device),
-        torch.arange(w, dtype=moved.dtype, device=moved.device),
-        indexing="ij",
-    )
-    dst = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1).reshape(1, -1, 3)
-    return (dst @ inv)[..., :2].reshape(b, h, w, 2)
+    xs = torch.arange(w, dtype=moved.dtype, device=moved.device).reshape(1, 1, w)
+    ys = torch.arange(h, dtype=moved.dtype, device=moved.device).reshape(1, h, 1)
+    grid = torch.empty(b, h, w, 2, dtype=dtype, device=moved.device)
+    for k, n in ((0, w), (1, h)):
+        coef = inv[:, :, k, None, None] * (2.0 / max(n - 1, 1))  # (B, 3, 1, 1)
+        rows = (ys * coef[:, 1]).add_(coef[:, 2] - 1.0)  # (B, H, 1)
+        grid[..., k] = torch.add(rows, xs * coef[:, 0])
+    return grid
 
 
 class ElasticTransform(Corruption):
@@ -82,21 +88,19 @@ class ElasticTransform(Corruption):
         pts = torch.tensor([[cx + sq, cy + sq], [cx + sq, cy - sq], [cx - sq, cy - sq]], dtype=torch.float64)
         pts = pts.to(x.device)[None]
         moved = pts + params["affine_px"] * params["affine_noise"].to(device=x.device, dtype=torch.float64)
-        src = _affine_source_grid(pts, moved, h, w)
-        grid = torch.stack([src[..., 0] / max(w - 1, 1), src[..., 1] / max(h - 1, 1)], dim=-1) * 2 - 1
-        x = F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="reflection", align_corners=True)
+        grid = _affine_grid(pts, moved, h, w, x.dtype)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=True)
         # 2. smooth displacement field
         alpha = params["alpha_px"]
         if alpha == 0:
             return x
         fields = gaussian_filter(params["fields"].to(x), params["sigma_px"], truncate=3.0, mode="symmetric") * alpha
-        ys, xs = torch.meshgrid(
-            torch.arange(h, dtype=x.dtype, device=x.device), torch.arange(w, dtype=x.dtype, device=x.device),
-            indexing="ij",
-        )  # fmt: skip
-        sx = xs + fields[:, 0]
-        sy = ys + fields[:, 1]
-        grid = torch.stack([(sx + 0.5) / w, (sy + 0.5) / h], dim=-1) * 2 - 1
+        # source pixel (xs + dx, ys + dy) -> grid_sample coordinate ((s + 0.5) / n) * 2 - 1, in place
+        xs = torch.arange(w, dtype=x.dtype, device=x.device)
+        ys = torch.arange(h, dtype=x.dtype, device=x.device).reshape(h, 1)
+        sx = fields[:, 0].add_(xs).add_(0.5).div_(w).mul_(2).sub_(1)
+        sy = fields[:, 1].add_(ys).add_(0.5).div_(h).mul_(2).sub_(1)
+        grid = torch.stack([sx, sy], dim=-1)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 

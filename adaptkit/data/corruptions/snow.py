@@ -34,20 +34,21 @@ class Snow(Corruption):
         self, shape: Shape, params: Params, gen: torch.Generator | None, device: torch.device, dtype: torch.dtype
     ) -> Params:
         b, _, h, w = shape
-        field = randn((b, 1, h, w), gen, device, dtype) * params["scale"] + params["loc"]
+        field = randn((b, 1, h, w), gen, device, dtype).mul_(params["scale"]).add_(params["loc"])
         return {"field": field, "angle": uniform(-135.0, -45.0, (b,), gen, device, torch.float64)}
 
     def transform(self, x: torch.Tensor, params: Params) -> torch.Tensor:
         z = float(params["zoom"])
         layer = params["field"].to(x)
         layer = clipped_zoom(layer, z)
-        layer = torch.where(layer < params["threshold"], torch.zeros_like(layer), layer).clamp(0, 1)
+        layer = torch.where(layer < params["threshold"], 0.0, layer).clamp_(0, 1)
         layer = motion_blur_shifts(layer, int(params["blur_radius"]), float(params["blur_sigma"]), params["angle"])
-        layer = torch.round(layer * 255) / 255
+        layer = layer.mul_(255).round_().div_(255)  # fresh: quantised in place
         gray = x if x.shape[1] == 1 else to_gray(x, CV_GRAY)
         blend = float(params["blend"])
-        x = blend * x + (1 - blend) * torch.maximum(x, gray * 1.5 + 0.5)
-        return x.add_(layer).add_(layer.flip(-1, -2))
+        # blend * x + (1 - blend) * max(x, 1.5 gray + 0.5), with one batch-sized buffer per term
+        bright = torch.maximum(x, (gray * 1.5).add_(0.5)).mul_(1 - blend)
+        return torch.mul(x, blend).add_(bright).add_(layer).add_(layer.flip(-1, -2))
 
 
 snow = functional(Snow, "snow")
