@@ -15,8 +15,10 @@ from adaptkit import methods as _methods  # noqa: F401  (registers the methods)
 from adaptkit._version import __version__
 from adaptkit.core.base import TTAMethod
 from adaptkit.core.layers import list_layers
+from adaptkit.heads.clust3 import ClusT3Head
 from adaptkit.heads.ncttt import NCTTTHead
 from adaptkit.methods.bn_adapt import BNAdapt
+from adaptkit.methods.clust3 import ClusT3
 from adaptkit.methods.nc_ttt import NCTTT
 from adaptkit.methods.tent import Tent
 from adaptkit.registry import adapt, get_method, list_methods, register_method
@@ -24,6 +26,8 @@ from adaptkit.shift import ShiftScore, shift_score
 
 __all__ = [
     "BNAdapt",
+    "ClusT3",
+    "ClusT3Head",
     "NCTTT",
     "NCTTTHead",
     "ShiftScore",

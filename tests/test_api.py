@@ -17,6 +17,8 @@ PKG_DIR = Path(adaptkit.__file__).resolve().parent
 #: Update deliberately when the public surface changes.
 EXPECTED_ALL = [
     "BNAdapt",
+    "ClusT3",
+    "ClusT3Head",
     "NCTTT",
     "NCTTTHead",
     "ShiftScore",

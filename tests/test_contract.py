@@ -94,6 +94,7 @@ METHOD_KWARGS: dict[str, dict[str, Any]] = {
     "bn_adapt": {"N": 16},
     "tent": {"lr": 1e-3},
     "ncttt": {"lr": 1e-3, "steps": 2},
+    "clust3": {"lr": 1e-3, "steps": 2},
 }
 #: methods whose targets are all normalisation layers (the aux-head methods adapt whole encoder blocks)
 NORM_ONLY = {"bn_adapt", "tent"}
@@ -119,6 +120,7 @@ def _aux_factory(cls: type[adaptkit.TTAMethod]) -> Callable[..., adaptkit.TTAMet
 
 
 METHOD_FACTORIES["ncttt"] = _aux_factory(adaptkit.NCTTT)
+METHOD_FACTORIES["clust3"] = _aux_factory(adaptkit.ClusT3)
 
 _PRISTINE: dict[str, nn.Module] = {}
 

@@ -37,6 +37,13 @@ def test_ncttt_quickstart() -> None:
     assert "NC-TTT" in out and "model unchanged after the with block: True" in out
 
 
+def test_clust3_two_layers() -> None:
+    out = run_example("clust3_two_layers.py")
+    assert "trained 10 projectors on ['layer1', 'layer2']" in out
+    assert "layer3 forwards during adaptation: 0" in out
+    assert "model restored bitwise after the with blocks: True" in out
+
+
 def test_wrap_torchvision() -> None:
     out = run_example("wrap_torchvision.py")
     assert out.count("model unchanged after the with block: True") == 2
@@ -98,6 +105,7 @@ DOC_FILES = [
     "docs/methods/bn_adapt.md",
     "docs/methods/tent.md",
     "docs/methods/ncttt.md",
+    "docs/methods/clust3.md",
 ]
 
 _RUN_DOC_BLOCKS = r"""

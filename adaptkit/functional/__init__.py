@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+from adaptkit.functional.clust3 import (
+    IMTerms,
+    cluster_log_probs,
+    information_maximization_loss,
+    information_maximization_terms,
+)
 from adaptkit.functional.entropy import softmax_entropy
 from adaptkit.functional.moments import (
     Moments,
@@ -19,10 +25,14 @@ from adaptkit.functional.ncttt import (
 )
 
 __all__ = [
+    "IMTerms",
     "Moments",
     "batch_moments",
     "bn_prior_mix",
+    "cluster_log_probs",
     "gaussian_w2",
+    "information_maximization_loss",
+    "information_maximization_terms",
     "merge_moments",
     "ncttt_discriminator_loss",
     "ncttt_log_odds",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from adaptkit.heads.base import AuxHead, as_feature_map, batch_stats_mode, feature_shape
+from adaptkit.heads.clust3 import ClusT3Head
 from adaptkit.heads.ncttt import NCTTTHead
 
-__all__ = ["AuxHead", "NCTTTHead", "as_feature_map", "batch_stats_mode", "feature_shape"]
+__all__ = ["AuxHead", "ClusT3Head", "NCTTTHead", "as_feature_map", "batch_stats_mode", "feature_shape"]

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from adaptkit.methods.bn_adapt import BNAdapt
+from adaptkit.methods.clust3 import ClusT3
 from adaptkit.methods.nc_ttt import NCTTT
 from adaptkit.methods.tent import Tent
 
-__all__ = ["BNAdapt", "NCTTT", "Tent"]
+__all__ = ["BNAdapt", "ClusT3", "NCTTT", "Tent"]
