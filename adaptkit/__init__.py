@@ -17,10 +17,14 @@ from adaptkit.core.base import TTAMethod
 from adaptkit.core.layers import list_layers
 from adaptkit.heads.clust3 import ClusT3Head
 from adaptkit.heads.ncttt import NCTTTHead
+from adaptkit.heads.rotation import RotationHead
+from adaptkit.heads.tttpp import TTTPPHead
 from adaptkit.methods.bn_adapt import BNAdapt
 from adaptkit.methods.clust3 import ClusT3
 from adaptkit.methods.nc_ttt import NCTTT
 from adaptkit.methods.tent import Tent
+from adaptkit.methods.ttt import TTT
+from adaptkit.methods.tttpp import TTTPlusPlus
 from adaptkit.registry import adapt, get_method, list_methods, register_method
 from adaptkit.shift import ShiftScore, shift_score
 
@@ -30,8 +34,12 @@ __all__ = [
     "ClusT3Head",
     "NCTTT",
     "NCTTTHead",
+    "RotationHead",
     "ShiftScore",
     "TTAMethod",
+    "TTT",
+    "TTTPPHead",
+    "TTTPlusPlus",
     "Tent",
     "__version__",
     "adapt",

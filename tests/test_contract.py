@@ -95,6 +95,8 @@ METHOD_KWARGS: dict[str, dict[str, Any]] = {
     "tent": {"lr": 1e-3},
     "ncttt": {"lr": 1e-3, "steps": 2},
     "clust3": {"lr": 1e-3, "steps": 2},
+    "ttt": {"lr": 1e-3, "steps": 2, "momentum": 0.9},  # momentum-free SGD keeps no optimizer state
+    "ttt_pp": {"lr": 1e-3},
 }
 #: methods whose targets are all normalisation layers (the aux-head methods adapt whole encoder blocks)
 NORM_ONLY = {"bn_adapt", "tent"}
@@ -121,6 +123,8 @@ def _aux_factory(cls: type[adaptkit.TTAMethod]) -> Callable[..., adaptkit.TTAMet
 
 METHOD_FACTORIES["ncttt"] = _aux_factory(adaptkit.NCTTT)
 METHOD_FACTORIES["clust3"] = _aux_factory(adaptkit.ClusT3)
+METHOD_FACTORIES["ttt"] = _aux_factory(adaptkit.TTT)
+METHOD_FACTORIES["ttt_pp"] = _aux_factory(adaptkit.TTTPlusPlus)
 
 _PRISTINE: dict[str, nn.Module] = {}
 

@@ -44,6 +44,20 @@ def test_clust3_two_layers() -> None:
     assert "model restored bitwise after the with blocks: True" in out
 
 
+def test_ttt_rotation() -> None:
+    out = run_example("ttt_rotation.py")
+    assert "model restored: True" in out
+    assert "head bound to ['layer2']" in out
+    assert "TTT          class accuracy on the shifted data" in out
+
+
+def test_tttpp_online() -> None:
+    out = run_example("tttpp_online.py")
+    assert "model restored: True" in out
+    assert "adaptation state reproduces the last predictions: True" in out
+    assert "after reset(): queue 0 rows, weights back to the source: True" in out
+
+
 def test_wrap_torchvision() -> None:
     out = run_example("wrap_torchvision.py")
     assert out.count("model unchanged after the with block: True") == 2
@@ -106,6 +120,8 @@ DOC_FILES = [
     "docs/methods/tent.md",
     "docs/methods/ncttt.md",
     "docs/methods/clust3.md",
+    "docs/methods/ttt.md",
+    "docs/methods/ttt_pp.md",
 ]
 
 _RUN_DOC_BLOCKS = r"""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from adaptkit.functional.augment import simclr_augment
 from adaptkit.functional.clust3 import (
     IMTerms,
     cluster_log_probs,
@@ -23,6 +24,8 @@ from adaptkit.functional.ncttt import (
     ncttt_noisy_views,
     ncttt_test_loss,
 )
+from adaptkit.functional.rotation import rotate_batch, rotation_loss, rotation_targets
+from adaptkit.functional.tttpp import coral_loss, feature_moments, mean_discrepancy, nt_xent_loss
 
 __all__ = [
     "IMTerms",
@@ -30,14 +33,22 @@ __all__ = [
     "batch_moments",
     "bn_prior_mix",
     "cluster_log_probs",
+    "coral_loss",
+    "feature_moments",
     "gaussian_w2",
     "information_maximization_loss",
     "information_maximization_terms",
+    "mean_discrepancy",
     "merge_moments",
     "ncttt_discriminator_loss",
     "ncttt_log_odds",
     "ncttt_noisy_views",
     "ncttt_test_loss",
+    "nt_xent_loss",
     "prior_weight",
+    "rotate_batch",
+    "rotation_loss",
+    "rotation_targets",
+    "simclr_augment",
     "softmax_entropy",
 ]

@@ -5,5 +5,17 @@ from __future__ import annotations
 from adaptkit.heads.base import AuxHead, as_feature_map, batch_stats_mode, feature_shape
 from adaptkit.heads.clust3 import ClusT3Head
 from adaptkit.heads.ncttt import NCTTTHead
+from adaptkit.heads.rotation import RotationHead
+from adaptkit.heads.tttpp import FeatureQueue, TTTPPHead
 
-__all__ = ["AuxHead", "ClusT3Head", "NCTTTHead", "as_feature_map", "batch_stats_mode", "feature_shape"]
+__all__ = [
+    "AuxHead",
+    "ClusT3Head",
+    "FeatureQueue",
+    "NCTTTHead",
+    "RotationHead",
+    "TTTPPHead",
+    "as_feature_map",
+    "batch_stats_mode",
+    "feature_shape",
+]

@@ -21,6 +21,7 @@ BatchNorm handling (``bn_mode``), the lever the NC-TTT spec calls "silent and bi
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any, ClassVar, Union
 
@@ -67,7 +68,8 @@ class AuxHeadMethod(TTAMethod):
     uses_grad = True
     default_episodic = True
     head_class: ClassVar[type[AuxHead]] = AuxHead
-    #: the head's own parameters are adapted too (TTT updates its SSL head; NC-TTT does not)
+    #: the head's own parameters are adapted too (TTT updates its SSL head; NC-TTT does not); the wrapper then
+    #: adapts a private copy (``wrapper.head``), so one trained head can serve several wrappers at once
     adapt_head: ClassVar[bool] = False
 
     def __init__(
@@ -102,6 +104,8 @@ class AuxHeadMethod(TTAMethod):
         self.bn_mode, self.truncate, self.seed = bn_mode, bool(truncate), seed
         self._opt_spec = optimizer
         self._layer_arg = layer
+        if self.adapt_head:  # never mutate a head another wrapper may be using (its reset snapshot would drift)
+            head = copy.deepcopy(head)
         object.__setattr__(self, "_head", head)  # registered as the submodule `head` in configure()
         self._phase = "adapt"
         self._checked = False
