@@ -45,7 +45,7 @@ def main() -> None:
 
     # 2. the NC-TTT head on layer1 of the frozen model (the model is left exactly as it was)
     loader = [x[i : i + 64] for i in range(0, n, 64)]
-    head = adaptkit.NCTTT.train_head(model, layer=1, loader=loader, epochs=epochs, embed_dim=8, progress=False)
+    head = adaptkit.NCTTT.train_head(model, layer=1, loader=loader, epochs=epochs, embed_dim=128, progress=False)
     print(f"head trained on {head.binding['layers']}: final loss {head.history[-1]['train_loss']:.3f}")
 
     # 3. save / load: the file records the layer binding, feature shape and config

@@ -28,8 +28,9 @@ class NCTTTHead(AuxHead):
 
     Args:
         in_channels: channels ``C`` of the tapped layer.
-        embed_dim: projector width ``C'``; ``None`` = ``in_channels`` (official code: 1536 for ResNet-50 stages;
-            see the method card for why adaptkit does not default to it).
+        embed_dim: projector width ``C'`` (official code: 1536). Keep it well above ``in_channels``: the
+            projected features then leave directions where only the noise lives, which is what makes the
+            discrimination learnable from a random start (with ``C' <= C`` the loss sits at ``ln 2``).
         hidden: discriminator width (official: 4).
         mode: ``"pixel"`` or ``"flat"``.
         spatial: ``(H, W)`` of the tapped features (``"flat"`` only).
@@ -48,7 +49,7 @@ class NCTTTHead(AuxHead):
     def __init__(
         self,
         in_channels: int,
-        embed_dim: int | None = None,
+        embed_dim: int = 1536,
         hidden: int = 4,
         mode: str = "pixel",
         spatial: Sequence[int] | None = None,
@@ -62,7 +63,7 @@ class NCTTTHead(AuxHead):
             raise ValueError("NCTTTHead: mode='flat' needs spatial=(H, W), the tapped feature map's size")
         if alpha <= 1 or sigma <= 0:
             raise ValueError(f"NCTTTHead: need sigma > 0 and alpha > 1, got sigma={sigma}, alpha={alpha}")
-        embed = int(embed_dim or in_channels)
+        embed = int(embed_dim)
         sp = None if spatial is None else [int(s) for s in spatial]
         self._remember(
             in_channels=int(in_channels), embed_dim=embed, hidden=int(hidden), mode=mode, spatial=sp,
