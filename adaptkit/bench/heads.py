@@ -12,6 +12,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -97,5 +99,7 @@ def prepare_head(
     )  # fmt: skip
     if path is not None and not joint:
         path.parent.mkdir(parents=True, exist_ok=True)
-        head.save(path)
+        tmp = path.with_suffix(f".{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # concurrent runs: own temp file
+        head.save(tmp)
+        tmp.replace(path)
     return head, used.eval()

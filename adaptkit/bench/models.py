@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -252,7 +253,7 @@ def fmnist_source_model(
         progress=progress,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # concurrent runs: own temp file
     torch.save(model.cpu().state_dict(), tmp)
     tmp.replace(path)
     return model.eval()

@@ -11,6 +11,7 @@ import hashlib
 import os
 import pickle
 import struct
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
@@ -351,7 +352,7 @@ class CorruptedDataset(_Uint8Images):
         self.images = corrupt_tensor(images, corruption, severity, seed, batch_size, preset, device)
         if key is not None:
             key.parent.mkdir(parents=True, exist_ok=True)
-            tmp = key.with_suffix(".tmp")
+            tmp = key.with_suffix(f".{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # concurrent writers: own temp
             torch.save(self.images, tmp)
             tmp.replace(key)
 

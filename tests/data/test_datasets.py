@@ -116,3 +116,31 @@ def test_corrupted_view_is_lazy_seeded_and_cached(tmp_path: Path) -> None:
     assert not torch.equal(a[0], a[1])
     with pytest.raises(ValueError):
         CorruptedView(clean, "shot_nois", 3)
+
+
+def test_corrupted_dataset_cache_survives_concurrent_writers(tmp_path: Path) -> None:
+    """Several workers filling the same cache entry at once (parallel benchmark runs) must not collide on a
+    shared temporary file; all get the same images."""
+    import threading
+
+    from adaptkit.data.datasets import CorruptedDataset
+
+    x = torch.rand(6, 1, 12, 12)
+    y = torch.arange(6)
+    out: list[torch.Tensor] = []
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            out.append(CorruptedDataset(x, y, "gaussian_noise", 3, seed=1, cache_dir=tmp_path).images)
+        except BaseException as e:  # pragma: no cover - the failure being tested
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert all(torch.equal(o, out[0]) for o in out)
+    assert not list(tmp_path.rglob("*.tmp"))
