@@ -137,23 +137,32 @@ class _SourceStats:
             mu_b, cov_b = feature_moments(rows[half : 2 * half])
             self.coral.append(float(coral_loss(cov_a, cov_b)))
             self.mean.append(float(mean_discrepancy(mu_a, mu_b)))
+        d = cov.shape[0]
+        # floors relative to the features' own scale: with little or near-constant source data the measured
+        # between-batch discrepancy can be ~1e-11, and dividing by it makes the test-time step explode
+        coral_floor = REL_FLOOR * float(cov.pow(2).sum()) / (4 * d * d)
+        mean_floor = REL_FLOOR * float(cov.diagonal().mean())
         return (
             mean,
             cov,
-            _positive(sum(self.coral) / len(self.coral), who),
-            _positive(sum(self.mean) / len(self.mean), who),
+            _positive(sum(self.coral) / len(self.coral), coral_floor, who),
+            _positive(sum(self.mean) / len(self.mean), mean_floor, who),
         )
 
 
-def _positive(v: float, who: str) -> float:
-    if v > 0 and v == v and v != float("inf"):
+#: the alignment normalisers are at least this fraction of the source features' own scale
+REL_FLOOR = 1e-3
+
+
+def _positive(v: float, floor: float, who: str) -> float:
+    if v == v and v != float("inf") and v >= floor and v > 0:
         return v
     warnings.warn(
-        f"{who}: the source features do not vary between batches (average discrepancy {v}); the alignment "
-        "terms are left unnormalised",
+        f"{who}: the source features barely vary between batches (average discrepancy {v:.3g}); the alignment "
+        f"terms are normalised by {max(floor, 1e-12):.3g} instead (train the head on more source data)",
         stacklevel=3,
     )
-    return 1.0
+    return max(floor, 1e-12) if floor == floor and floor > 0 else 1.0
 
 
 class TTTPPHead(AuxHead):

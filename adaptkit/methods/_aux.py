@@ -229,11 +229,26 @@ class AuxHeadMethod(TTAMethod):
     def adapt_step(self, x: Any) -> Any:
         assert self.optimizer is not None
         x_aux, targets = self.head.prepare(x, self._gen)
-        loss = self.head.test_loss(self.features(x_aux), targets, self._gen)
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.step(self.head.test_loss(self.features(x_aux), targets, self._gen))
         return None
+
+    def step(self, loss: torch.Tensor) -> bool:
+        """Backward and one optimizer step; a non-finite loss or gradient skips the step (warned once) instead
+        of writing NaN into the model. Returns whether the step was taken."""
+        assert self.optimizer is not None
+        ok = bool(torch.isfinite(loss.detach()))
+        if ok:
+            loss.backward()
+            ok = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self._all_trainable())
+        if ok:
+            self.optimizer.step()
+        else:
+            self.warn_once(
+                "nonfinite", f"the test-time loss or its gradient is not finite ({float(loss.detach()):.3g}); the "
+                "step was skipped. Lower lr, or check that the head was trained on features like these.",
+            )  # fmt: skip
+        self.optimizer.zero_grad(set_to_none=True)
+        return ok
 
     def predict(self, x: Any, last: Any) -> Any:
         ups = [self._targets[n] for n in self._upstream_bn]

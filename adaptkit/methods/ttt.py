@@ -115,9 +115,7 @@ class TTT(AuxHeadMethod):
             self.head.train()
         x_aux, targets = self.head.prepare(x, self._gen, mode=self.rotations)
         loss = self.head.test_loss(self.features(x_aux), targets, self._gen)
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.step(loss)
         return None
 
     @classmethod

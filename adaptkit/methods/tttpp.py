@@ -129,9 +129,7 @@ class TTTPlusPlus(AuxHeadMethod):
             [torch.cat([f_views, f_clean])], n, self._gen, queue=self._queued(n), ssl_weight=self.ssl_weight,
             scale_enc=self.scale_enc, scale_proj=self.scale_proj,
         )  # fmt: skip
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.step(loss)
         with torch.no_grad():
             self._pending = head.embed(f_clean.detach())
         return None

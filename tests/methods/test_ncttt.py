@@ -262,3 +262,14 @@ def test_registry_and_repr(trained) -> None:
     with adaptkit.adapt(model, "NC-TTT", layer=1, head=head, steps=1) as nc:
         assert isinstance(nc, NCTTT)
         assert "bn_mode='refresh'" in repr(nc)
+
+
+def test_nonfinite_loss_skips_the_step_and_warns(trained) -> None:
+    model, head = trained
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with NCTTT(model, layer=1, head=head, steps=2, lr=1e-2, bn_mode="source") as nc:
+        nc.head.test_loss = lambda feats, t, g: feats[0].sum() * float("nan")  # type: ignore[method-assign]
+        with pytest.warns(UserWarning, match="not finite"):
+            out = nc(shifted(8))
+        assert torch.isfinite(out).all()
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
