@@ -57,6 +57,8 @@ class AuxHeadMethod(TTAMethod):
         lr: learning rate. steps: adaptation iterations per batch.
         optimizer: ``"adam"``, ``"sgd"`` or a callable ``params -> torch.optim.Optimizer``.
         momentum / weight_decay: for the built-in optimizers (``momentum`` is SGD's).
+            ``lr``, ``steps``, ``optimizer`` and ``momentum`` left as ``None`` take the method's
+            :attr:`defaults` (each method's card lists them and their sources).
         bn_mode: ``"refresh"``, ``"batch"`` or ``"source"`` (module docstring).
         episodic: reset before every batch (default per method).
         truncate: stop the forward at the tapped layer while adapting (default; ``False`` runs the full
@@ -72,16 +74,19 @@ class AuxHeadMethod(TTAMethod):
     #: adapts a private copy (``wrapper.head``), so one trained head can serve several wrappers at once
     adapt_head: ClassVar[bool] = False
 
+    #: per-method defaults of the optimisation arguments left as ``None``
+    defaults: ClassVar[dict[str, Any]] = {"lr": 1e-3, "steps": 1, "optimizer": "adam", "momentum": 0.9}
+
     def __init__(
         self,
         model: nn.Module,
         layer: LayerArg = None,
         head: AuxHead | None = None,
         *,
-        lr: float = 1e-3,
-        steps: int = 1,
-        optimizer: OptimizerSpec = "adam",
-        momentum: float = 0.9,
+        lr: float | None = None,
+        steps: int | None = None,
+        optimizer: OptimizerSpec = None,
+        momentum: float | None = None,
         weight_decay: float = 0.0,
         bn_mode: str = "refresh",
         episodic: bool | None = None,
@@ -89,6 +94,11 @@ class AuxHeadMethod(TTAMethod):
         seed: int | None = 0,
         check_inputs: bool = True,
     ) -> None:
+        d = self.defaults
+        lr = d["lr"] if lr is None else lr
+        steps = d["steps"] if steps is None else steps
+        optimizer = d["optimizer"] if optimizer is None else optimizer
+        momentum = d["momentum"] if momentum is None else momentum
         who = f"adaptkit.{type(self).__name__}"
         if not isinstance(head, self.head_class):
             raise TypeError(

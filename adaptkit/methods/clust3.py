@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch.nn as nn
 
 from adaptkit.heads.base import AuxHead
 from adaptkit.heads.clust3 import ClusT3Head
-from adaptkit.methods._aux import AuxHeadMethod, LayerArg
-from adaptkit.methods.tent import OptimizerSpec
+from adaptkit.methods._aux import AuxHeadMethod
 from adaptkit.registry import register_method
 
 
@@ -53,28 +52,7 @@ class ClusT3(AuxHeadMethod):
     name = "clust3"
     head_class = ClusT3Head
 
-    def __init__(
-        self,
-        model: nn.Module,
-        layer: LayerArg = None,
-        head: ClusT3Head | None = None,
-        *,
-        lr: float = 1e-5,
-        steps: int = 20,
-        optimizer: OptimizerSpec = "adam",
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        bn_mode: str = "refresh",
-        episodic: bool | None = None,
-        truncate: bool = True,
-        seed: int | None = 0,
-        check_inputs: bool = True,
-    ) -> None:
-        super().__init__(
-            model, layer, head, lr=lr, steps=steps, optimizer=optimizer, momentum=momentum,
-            weight_decay=weight_decay, bn_mode=bn_mode, episodic=episodic, truncate=truncate, seed=seed,
-            check_inputs=check_inputs,
-        )  # fmt: skip
+    defaults: ClassVar[dict[str, Any]] = {"lr": 1e-5, "steps": 20, "optimizer": "adam", "momentum": 0.9}
 
     def select(self) -> dict[str, nn.Module]:
         """The shared selection, plus a check that the head has one projector set per tapped layer."""

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch.nn as nn
+from typing import Any, ClassVar
 
 from adaptkit.heads.base import AuxHead
 from adaptkit.heads.ncttt import NCTTTHead
-from adaptkit.methods._aux import AuxHeadMethod, LayerArg
-from adaptkit.methods.tent import OptimizerSpec
+from adaptkit.methods._aux import AuxHeadMethod
 from adaptkit.registry import register_method
 
 
@@ -47,28 +44,7 @@ class NCTTT(AuxHeadMethod):
     name = "ncttt"
     head_class = NCTTTHead
 
-    def __init__(
-        self,
-        model: nn.Module,
-        layer: LayerArg = None,
-        head: NCTTTHead | None = None,
-        *,
-        lr: float = 1e-5,
-        steps: int = 20,
-        optimizer: OptimizerSpec = "adam",
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        bn_mode: str = "refresh",
-        episodic: bool | None = None,
-        truncate: bool = True,
-        seed: int | None = 0,
-        check_inputs: bool = True,
-    ) -> None:
-        super().__init__(
-            model, layer, head, lr=lr, steps=steps, optimizer=optimizer, momentum=momentum,
-            weight_decay=weight_decay, bn_mode=bn_mode, episodic=episodic, truncate=truncate, seed=seed,
-            check_inputs=check_inputs,
-        )  # fmt: skip
+    defaults: ClassVar[dict[str, Any]] = {"lr": 1e-5, "steps": 20, "optimizer": "adam", "momentum": 0.9}
 
     @classmethod
     def make_head(cls, feature_shapes: list[tuple[int, ...]], **kwargs: Any) -> AuxHead:

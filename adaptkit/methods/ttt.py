@@ -3,7 +3,7 @@ section 9)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch.nn as nn
 
@@ -11,7 +11,6 @@ from adaptkit.functional.rotation import ROTATION_MODES
 from adaptkit.heads.base import AuxHead
 from adaptkit.heads.rotation import RotationHead
 from adaptkit.methods._aux import AuxHeadMethod, LayerArg
-from adaptkit.methods.tent import OptimizerSpec
 from adaptkit.registry import register_method
 
 
@@ -70,32 +69,21 @@ class TTT(AuxHeadMethod):
     head_class = RotationHead
     adapt_head = True
 
+    defaults: ClassVar[dict[str, Any]] = {"lr": 1e-3, "steps": 10, "optimizer": "sgd", "momentum": 0.0}
+
     def __init__(
         self,
         model: nn.Module,
         layer: LayerArg = None,
         head: RotationHead | None = None,
         *,
-        lr: float = 1e-3,
-        steps: int = 10,
-        optimizer: OptimizerSpec = "sgd",
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
         rotations: str = "all",
-        bn_mode: str = "refresh",
-        episodic: bool | None = None,
-        truncate: bool = True,
-        seed: int | None = 0,
-        check_inputs: bool = True,
+        **kwargs: Any,
     ) -> None:
         if rotations not in ROTATION_MODES:
             raise ValueError(f"adaptkit.TTT: rotations must be one of {ROTATION_MODES}, got {rotations!r}")
         self.rotations = rotations
-        super().__init__(
-            model, layer, head, lr=lr, steps=steps, optimizer=optimizer, momentum=momentum,
-            weight_decay=weight_decay, bn_mode=bn_mode, episodic=episodic, truncate=truncate, seed=seed,
-            check_inputs=check_inputs,
-        )  # fmt: skip
+        super().__init__(model, layer, head, **kwargs)
 
     def select(self) -> dict[str, nn.Module]:
         """As :class:`AuxHeadMethod`, except that with ``bn_mode="refresh"`` the BatchNorm layers above the tapped

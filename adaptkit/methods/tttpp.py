@@ -3,14 +3,13 @@ spec ../shared/reference/baselines.md section 10), in its online (per-batch) for
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
 
 from adaptkit.heads.tttpp import SCALE_ENC, SCALE_PROJ, FeatureQueue, Queue, TTTPPHead
 from adaptkit.methods._aux import AuxHeadMethod, LayerArg
-from adaptkit.methods.tent import OptimizerSpec
 from adaptkit.registry import register_method
 
 
@@ -71,26 +70,19 @@ class TTTPlusPlus(AuxHeadMethod):
     default_episodic = False
     adapt_head = False
 
+    defaults: ClassVar[dict[str, Any]] = {"lr": 0.01, "steps": 1, "optimizer": "sgd", "momentum": 0.9}
+
     def __init__(
         self,
         model: nn.Module,
         layer: LayerArg = None,
         head: TTTPPHead | None = None,
         *,
-        lr: float = 0.01,
-        steps: int = 1,
-        optimizer: OptimizerSpec = "sgd",
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
         queue_size: int | None = None,
         scale_enc: float = SCALE_ENC,
         scale_proj: float = SCALE_PROJ,
         ssl_weight: float | None = None,
-        bn_mode: str = "refresh",
-        episodic: bool | None = None,
-        truncate: bool = True,
-        seed: int | None = 0,
-        check_inputs: bool = True,
+        **kwargs: Any,
     ) -> None:
         who = f"adaptkit.{type(self).__name__}"
         if isinstance(head, TTTPPHead) and not head.has_source_moments:
@@ -108,11 +100,7 @@ class TTTPlusPlus(AuxHeadMethod):
         self.ssl_weight = None if ssl_weight is None else float(ssl_weight)
         self._queues = (FeatureQueue(qs), FeatureQueue(qs))
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
-        super().__init__(
-            model, layer, head, lr=lr, steps=steps, optimizer=optimizer, momentum=momentum,
-            weight_decay=weight_decay, bn_mode=bn_mode, episodic=episodic, truncate=truncate, seed=seed,
-            check_inputs=check_inputs,
-        )  # fmt: skip
+        super().__init__(model, layer, head, **kwargs)
 
     # ------------------------------------------------------------------ adaptation
     def _queued(self, n: int) -> Queue:
