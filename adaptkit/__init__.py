@@ -22,6 +22,7 @@ from adaptkit.heads.tttpp import TTTPPHead
 from adaptkit.methods.bn_adapt import BNAdapt
 from adaptkit.methods.clust3 import ClusT3
 from adaptkit.methods.nc_ttt import NCTTT
+from adaptkit.methods.ocl import OCL
 from adaptkit.methods.tent import Tent
 from adaptkit.methods.ttt import TTT
 from adaptkit.methods.tttpp import TTTPlusPlus
@@ -34,6 +35,7 @@ __all__ = [
     "ClusT3Head",
     "NCTTT",
     "NCTTTHead",
+    "OCL",
     "RotationHead",
     "ShiftScore",
     "TTAMethod",

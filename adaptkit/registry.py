@@ -55,7 +55,7 @@ def list_methods() -> list[str]:
     Example:
         >>> import adaptkit
         >>> adaptkit.list_methods()
-        ['bn_adapt', 'clust3', 'ncttt', 'tent', 'ttt', 'ttt_pp']
+        ['bn_adapt', 'clust3', 'ncttt', 'ocl', 'tent', 'ttt', 'ttt_pp']
     """
     return sorted(_REGISTRY)
 

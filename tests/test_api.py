@@ -21,6 +21,7 @@ EXPECTED_ALL = [
     "ClusT3Head",
     "NCTTT",
     "NCTTTHead",
+    "OCL",
     "RotationHead",
     "ShiftScore",
     "TTAMethod",

@@ -122,6 +122,7 @@ DOC_FILES = [
     "docs/methods/clust3.md",
     "docs/methods/ttt.md",
     "docs/methods/ttt_pp.md",
+    "docs/methods/ocl.md",
 ]
 
 _RUN_DOC_BLOCKS = r"""

@@ -24,14 +24,24 @@ from adaptkit.functional.ncttt import (
     ncttt_noisy_views,
     ncttt_test_loss,
 )
+from adaptkit.functional.ocl import (
+    OCLTerms,
+    class_directions,
+    output_contrastive_loss,
+    output_contrastive_terms,
+    split_views,
+    two_view_batch,
+)
 from adaptkit.functional.rotation import rotate_batch, rotation_loss, rotation_targets
 from adaptkit.functional.tttpp import coral_loss, feature_moments, mean_discrepancy, nt_xent_loss
 
 __all__ = [
     "IMTerms",
     "Moments",
+    "OCLTerms",
     "batch_moments",
     "bn_prior_mix",
+    "class_directions",
     "cluster_log_probs",
     "coral_loss",
     "feature_moments",
@@ -45,10 +55,14 @@ __all__ = [
     "ncttt_noisy_views",
     "ncttt_test_loss",
     "nt_xent_loss",
+    "output_contrastive_loss",
+    "output_contrastive_terms",
     "prior_weight",
     "rotate_batch",
     "rotation_loss",
     "rotation_targets",
     "simclr_augment",
     "softmax_entropy",
+    "split_views",
+    "two_view_batch",
 ]
