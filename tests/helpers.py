@@ -183,3 +183,20 @@ def randomize_bn(
         bn.running_var.uniform_(*var)
         bn.num_batches_tracked.fill_(tracked)
     return bn
+
+
+def calibrate_bn(model: nn.Module, batches: Any) -> nn.Module:
+    """Give a random-weight model source BN statistics that match ``batches`` (a cumulative average over them,
+    in training mode, no gradients), restore each layer's momentum and return the model in eval mode."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    for m, mom in zip(bns, momenta):
+        m.momentum = mom
+    return model.eval()

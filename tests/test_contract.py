@@ -20,6 +20,7 @@ import torchvision
 from helpers import (
     assert_classes_unchanged,
     assert_model_unchanged,
+    calibrate_bn,
     count_live_tensors,
     snapshot_classes,
     snapshot_model,
@@ -131,19 +132,8 @@ _PRISTINE: dict[str, nn.Module] = {}
 
 def _calibrate(model: nn.Module) -> None:
     """Give BN layers non-trivial source statistics (a cumulative average over two batches), then eval()."""
-    bns = [m for m in model.modules() if isinstance(m, _BatchNorm)]
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
     g = torch.Generator().manual_seed(123)
-    model.train()
-    with torch.no_grad():
-        for _ in range(2):
-            model(torch.randn(8, 3, SIZE, SIZE, generator=g))
-    for m, mom in zip(bns, momenta):
-        m.momentum = mom
-    model.eval()
+    calibrate_bn(model, (torch.randn(8, 3, SIZE, SIZE, generator=g) for _ in range(2)))
 
 
 def get_model(name: str) -> nn.Module:

@@ -31,11 +31,11 @@ import torch.nn as nn
 from adaptkit.core.base import TTAMethod
 from adaptkit.core.bn import BNStatsOverride
 from adaptkit.core.layers import norm_kind, resolve_layer
+from adaptkit.core.optim import OptimizerSpec, build_optimizer
 from adaptkit.core.truncate import ForwardStopper, modules_registered_before, probe_upstream
 from adaptkit.functional.moments import Moments
 from adaptkit.heads.base import AuxHead
-from adaptkit.methods.tent import OptimizerSpec, build_optimizer
-from adaptkit.train.trainer import OptimizerArg, train_head
+from adaptkit.train.trainer import train_head
 
 LayerArg = Union[int, str, Sequence[Union[int, str]], None]
 BN_MODES = ("refresh", "batch", "source")
@@ -337,7 +337,7 @@ class AuxHeadMethod(TTAMethod):
         joint: bool = False,
         aux_weight: float = 1.0,
         lr: float | None = None,
-        optimizer: OptimizerArg = None,
+        optimizer: OptimizerSpec = None,
         weight_decay: float = 0.0,
         val_loader: Any = None,
         device: str | torch.device | None = None,

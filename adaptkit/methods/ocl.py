@@ -12,9 +12,9 @@ import torch.nn as nn
 from adaptkit.core.base import TTAMethod, get_logits
 from adaptkit.core.bn import BNStatsOverride
 from adaptkit.core.layers import _matches, _unknown, norm_kind
+from adaptkit.core.optim import OptimizerSpec, build_optimizer
 from adaptkit.functional.moments import Moments
 from adaptkit.functional.ocl import OCLTerms, output_contrastive_terms, split_views, two_view_batch
-from adaptkit.methods.tent import OptimizerSpec, build_optimizer
 from adaptkit.registry import register_method
 
 _PARAM_SETS = ("all", "norm")

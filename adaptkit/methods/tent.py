@@ -3,33 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Callable, Union
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from adaptkit.core.base import TTAMethod, get_logits
 from adaptkit.core.layers import norm_kind, select_norm_layers
+from adaptkit.core.optim import OptimizerSpec, build_optimizer
 from adaptkit.functional.entropy import softmax_entropy
 from adaptkit.registry import register_method
-
-OptimizerSpec = Union[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer], None]
-
-
-def build_optimizer(
-    spec: OptimizerSpec, params: list[nn.Parameter], lr: float, momentum: float, weight_decay: float, who: str
-) -> torch.optim.Optimizer:
-    """``"adam"`` (betas 0.9/0.999), ``"sgd"`` (with ``momentum``) or a callable ``params -> Optimizer``."""
-    if spec is None or spec == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
-    if spec == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if callable(spec):
-        opt = spec(params)
-        if not isinstance(opt, torch.optim.Optimizer):
-            raise TypeError(f"{who}: optimizer factory must return a torch.optim.Optimizer, got {type(opt).__name__}")
-        return opt
-    raise ValueError(f"{who}: optimizer must be 'adam', 'sgd' or a callable params -> Optimizer, got {spec!r}")
 
 
 @register_method

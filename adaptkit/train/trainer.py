@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, Callable, Union
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -14,12 +14,13 @@ import torch.nn.functional as F
 from adaptkit.core.base import _TAG, TTAMethod, get_logits
 from adaptkit.core.hooks import HookManager
 from adaptkit.core.layers import resolve_layer
+from adaptkit.core.optim import OptimizerSpec, build_optimizer
+from adaptkit.core.snapshot import Snapshot
 from adaptkit.core.truncate import ForwardStopper
 from adaptkit.core.unwrap import unwrap_model
 from adaptkit.heads.base import AuxHead, feature_shape
 
 HeadFactory = Callable[[list[tuple[int, ...]]], AuxHead]
-OptimizerArg = Union[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer], None]
 
 
 def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -56,31 +57,6 @@ def _len(loader: Iterable[Any]) -> int | None:
         return None
 
 
-class _Flags:
-    """Records ``training`` and ``requires_grad`` of a model and puts them back."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.training = {n: m.training for n, m in model.named_modules()}
-        self.grad = {n: p.requires_grad for n, p in model.named_parameters()}
-
-    def restore(self) -> None:
-        for n, m in self.model.named_modules():
-            m.training = self.training[n]
-        for n, p in self.model.named_parameters():
-            p.requires_grad_(self.grad[n])
-
-
-def _build_optimizer(spec: OptimizerArg, params: list[nn.Parameter], lr: float, weight_decay: float) -> Any:
-    if spec is None or spec == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if spec == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    if callable(spec):
-        return spec(params)
-    raise ValueError(f"train_head: optimizer must be 'adam', 'sgd' or a callable params -> Optimizer, got {spec!r}")
-
-
 def train_head(
     model: nn.Module,
     layers: int | str | Sequence[int | str],
@@ -91,7 +67,7 @@ def train_head(
     joint: bool = False,
     aux_weight: float = 1.0,
     lr: float | None = None,
-    optimizer: OptimizerArg = None,
+    optimizer: OptimizerSpec = None,
     weight_decay: float = 0.0,
     val_loader: Iterable[Any] | None = None,
     device: str | torch.device | None = None,
@@ -148,7 +124,7 @@ def train_head(
         gen.manual_seed(seed)
     modules = dict(inner.named_modules())
     hooks = HookManager()
-    flags = _Flags(inner)
+    flags = Snapshot(inner)  # training / requires_grad flags only, put back at the end
     stopper = ForwardStopper({n: modules[n] for n in names}, hooks)
     history: list[dict[str, float]] = []
     try:
@@ -184,8 +160,8 @@ def train_head(
             for p in inner.parameters():
                 p.requires_grad_(True)
         rate = lr if lr is not None else (1e-2 if joint else 1e-3)
-        opt = _build_optimizer(optimizer if optimizer is not None else ("sgd" if joint else "adam"), params, rate,
-                               weight_decay)  # fmt: skip
+        spec = optimizer if optimizer is not None else ("sgd" if joint else "adam")
+        opt = build_optimizer(spec, params, rate, 0.9, weight_decay, "train_head")
         autocast, scaler = _amp(dev, amp)
         steps = 0
         for epoch in range(epochs):
@@ -223,7 +199,7 @@ def train_head(
             head.fit_end(_feature_batches(model, stopper, names, loader, dev))
     finally:
         hooks.remove_all()
-        flags.restore()
+        flags.restore_flags()
         inner.to(home)
     head.history = history
     return head.to(home)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
-from helpers import assert_model_unchanged, snapshot_model
+from helpers import assert_model_unchanged, calibrate_bn, snapshot_model
 
 import adaptkit
 from adaptkit.core import resolve_layer
@@ -54,18 +54,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], int | str, str]] = {
 def _calibrated(make: Callable[[], nn.Module]) -> nn.Module:
     """Random weights with source BN statistics that match the data (cumulative average over 3 batches)."""
     torch.manual_seed(0)
-    model = make()
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.rand(8, 3, 32, 32))
-    for m in bns:
-        m.momentum = 0.1
-    return model.eval()
+    return calibrate_bn(make(), (torch.rand(8, 3, 32, 32) for _ in range(3)))
 
 
 @pytest.mark.parametrize("model_name", list(MODELS))

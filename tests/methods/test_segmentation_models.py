@@ -9,8 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision.models.segmentation as seg
-from helpers import assert_model_unchanged, snapshot_model
-from torch.nn.modules.batchnorm import _BatchNorm
+from helpers import assert_model_unchanged, calibrate_bn, snapshot_model
 
 import adaptkit
 
@@ -31,18 +30,7 @@ def calibrated(name: str) -> nn.Module:
     """Random weights with BN statistics that match the data (cumulative average over 2 batches), eval mode."""
     if name not in _CACHE:
         torch.manual_seed(0)
-        model = MODELS[name]()
-        bns = [m for m in model.modules() if isinstance(m, _BatchNorm)]
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None
-        model.train()
-        with torch.no_grad():
-            for _ in range(2):
-                model(torch.rand(4, 3, 64, 64))
-        for m in bns:
-            m.momentum = 0.1
-        _CACHE[name] = model.eval()
+        _CACHE[name] = calibrate_bn(MODELS[name](), (torch.rand(4, 3, 64, 64) for _ in range(2)))
     model = MODELS[name]()
     model.load_state_dict(_CACHE[name].state_dict())
     return model.eval()
