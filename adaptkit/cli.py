@@ -19,8 +19,10 @@ import argparse
 import difflib
 import importlib
 import importlib.util
+import inspect
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import torch.nn as nn
 
@@ -82,10 +84,13 @@ def build_model(name: str, source: str = "auto", num_classes: int | None = None)
     Raises:
         CLIError: unknown name (with close matches) or timm not installed.
     """
-    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
     if source in ("torchvision", "auto") and name in _torchvision_names():
         import torchvision
 
+        builder = torchvision.models.get_model_builder(name)
+        if "weights_backbone" in inspect.signature(builder).parameters:
+            kwargs["weights_backbone"] = None  # segmentation / detection builders default to ImageNet backbones
         return torchvision.models.get_model(name, weights=None, **kwargs).eval(), "torchvision"
     if source in ("timm", "auto"):
         try:

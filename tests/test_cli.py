@@ -42,6 +42,15 @@ def test_layers_norm_only(capsys: pytest.CaptureFixture[str]) -> None:
     assert all("BatchNorm2d" in line for line in table)
 
 
+def test_layers_torchvision_segmentation_offline(capsys: pytest.CaptureFixture[str]) -> None:
+    """Segmentation builders default to an ImageNet backbone: the CLI must not download it (no network here)."""
+    assert main(["layers", "lraspp_mobilenet_v3_large", "--norm-only", "--num-classes", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "classifier.cbr.1" in out
+    summary = out.strip().splitlines()[-1]
+    assert "0..16" in summary and "1=backbone.1," in summary and "classifier" not in summary
+
+
 def test_layers_timm(capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("timm")
     assert main(["layers", "resnet18", "--source", "timm", "--norm-only"]) == 0

@@ -1,9 +1,11 @@
 """The wrapper contract (design.md section 5), checked for every registered method on a matrix of models.
 
-Every method in ``adaptkit.list_methods()`` runs against a tiny CNN defined here, four torchvision models
-and five timm models (random weights). A method that needs constructor arguments beyond the model (an
+Every method in ``adaptkit.list_methods()`` runs against a tiny CNN defined here, four torchvision
+classification models, five timm models and three torchvision segmentation models (random weights; dict
+outputs ``out`` / ``aux``, per-pixel losses). A method that needs constructor arguments beyond the model (an
 auxiliary head, ...) adds a factory to ``METHOD_FACTORIES``; one that needs BatchNorm layers is listed in
-``NEEDS_BN``, and on BatchNorm-free models only its documented ``ValueError`` is checked.
+``NEEDS_BN``, and on BatchNorm-free models only its documented ``ValueError`` is checked. The models in
+``SLOW_MODELS`` run the tests marked ``@everywhere`` by default and the rest of the contract with ``--runslow``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import adaptkit
 from adaptkit.core.layers import norm_kind
 
 BATCH = 4
-SIZE = 32
+SIZE = 32  # the smallest size at which the stride-16 segmentation backbones still give a 2 x 2 map (see get_model)
 RESERVED = "_adaptkit."
 
 
@@ -62,6 +64,13 @@ def _tv(name: str, **kw: Any) -> Callable[[], nn.Module]:
     return lambda: getattr(torchvision.models, name)(weights=None, num_classes=10, **kw)
 
 
+def _seg(name: str, **kw: Any) -> Callable[[], nn.Module]:
+    """A torchvision segmentation model (dict output ``out`` / ``aux``): random weights, no backbone download."""
+    return lambda: getattr(torchvision.models.segmentation, name)(
+        weights=None, weights_backbone=None, num_classes=4, **kw
+    )
+
+
 def _timm(name: str, **kw: Any) -> Callable[[], nn.Module]:
     def make() -> nn.Module:
         timm = pytest.importorskip("timm")
@@ -81,9 +90,15 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "timm_test_efficientnet": _timm("test_efficientnet"),
     "timm_test_convnext": _timm("test_convnext"),
     "timm_test_vit": _timm("test_vit", img_size=SIZE),
+    "seg_fcn_resnet50": _seg("fcn_resnet50", aux_loss=True),
+    "seg_deeplabv3_mobilenet_v3_large": _seg("deeplabv3_mobilenet_v3_large", aux_loss=True),
+    "seg_lraspp_mobilenet_v3_large": _seg("lraspp_mobilenet_v3_large"),
 }
 #: models without any BatchNorm layer (asserted when the model is built)
 BN_FREE = {"timm_test_convnext", "timm_test_vit"}
+#: models whose full contract only runs with --runslow (35 M parameters: ~1 s per test on 2 CPU cores); by
+#: default they run the tests marked @everywhere, for every method
+SLOW_MODELS = {"seg_fcn_resnet50"}
 METHODS = adaptkit.list_methods()
 
 #: methods that adapt BatchNorm statistics and so refuse models without BatchNorm layers (ValueError)
@@ -145,6 +160,9 @@ def get_model(name: str) -> nn.Module:
         for p in model.parameters():
             p.requires_grad_(True)
         assert has_bn(model) == (name not in BN_FREE), f"update BN_FREE for {name}"
+        out = logits(reference(model, batch(0)))
+        if out.dim() == 4:  # dense output: SIZE must leave the decoder more than a 1 x 1 map (no constant maps)
+            assert out.flatten(2).std(-1).min() > 1e-3, f"{name} gives spatially constant logits at {SIZE}px"
         _PRISTINE[name] = model
     return copy.deepcopy(_PRISTINE[name])
 
@@ -195,9 +213,18 @@ def expected_training(method: str, inner: nn.Module, wrapper: adaptkit.TTAMethod
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
-CASES = [
-    pytest.param((meth, name), id=f"{meth}-{name}") for meth in METHODS for name in MODELS if applicable(meth, name)
-]
+def _cases(slow: set[str]) -> list[Any]:
+    return [
+        pytest.param((meth, name), id=f"{meth}-{name}", marks=[pytest.mark.slow] if name in slow else [])
+        for meth in METHODS
+        for name in MODELS
+        if applicable(meth, name)
+    ]
+
+
+CASES = _cases(SLOW_MODELS)
+#: the core of the contract (output type, bitwise reset, exact restore, layer modes) on every model by default
+everywhere = pytest.mark.parametrize("case", _cases(set()), indirect=True)
 NOT_APPLICABLE = [
     pytest.param(meth, name, id=f"{meth}-{name}") for meth in METHODS for name in MODELS if not applicable(meth, name)
 ]
@@ -221,6 +248,7 @@ def test_not_applicable_raises(method: str, name: str) -> None:
     assert_model_unchanged(model, snap)
 
 
+@everywhere
 def test_output_type_and_shape(case: tuple[str, str, nn.Module]) -> None:
     method, _, model = case
     x = batch(0)
@@ -228,6 +256,9 @@ def test_output_type_and_shape(case: tuple[str, str, nn.Module]) -> None:
     w = wrap(method, model)
     out = w(x)
     assert type(out) is type(ref)
+    if isinstance(ref, dict):  # segmentation: every entry ("out", "aux"), in order, as the model's
+        assert list(out) == list(ref)
+        assert all(out[k].shape == ref[k].shape and torch.isfinite(out[k]).all() for k in ref)
     assert logits(out).shape == logits(ref).shape
     assert logits(out).dtype == logits(ref).dtype
     assert not logits(out).requires_grad
@@ -235,6 +266,7 @@ def test_output_type_and_shape(case: tuple[str, str, nn.Module]) -> None:
     w.restore()
 
 
+@everywhere
 def test_reset_is_bitwise(case: tuple[str, str, nn.Module]) -> None:
     method, _, model = case
     before = state_of(model)
@@ -259,6 +291,7 @@ def test_reset_is_bitwise(case: tuple[str, str, nn.Module]) -> None:
     w.restore()
 
 
+@everywhere
 def test_restore(case: tuple[str, str, nn.Module]) -> None:
     method, _, model = case
     snap = snapshot_model(model)
@@ -412,6 +445,7 @@ def test_adapts_under_inference_mode(case: tuple[str, str, nn.Module]) -> None:
     w_twin.restore()
 
 
+@everywhere
 def test_dropout_off_and_modes_fixed(case: tuple[str, str, nn.Module]) -> None:
     method, _, model = case
     w = wrap(method, model, episodic=True)

@@ -103,23 +103,33 @@ def _numbered_blocks(container: nn.Module, prefix: str = "") -> list[str]:
 def stage_names(model: nn.Module) -> list[str]:
     """Qualified names of the model's feature stages, in forward order; ``layer=i`` selects entry ``i``.
 
-    Resolution order: timm ``feature_info``; ``layer1..layerK`` children (torchvision ResNet family; entry 0
-    is the stem, so ``layer=1`` is ``layer1``); a ``features`` (or ``layers``) sequence (torchvision MobileNet,
-    EfficientNet, DenseNet, VGG, ConvNeXt, MNASNet, ...); ``trunk_output`` blocks (RegNet, entry 0 the stem);
-    ``encoder.layers`` (torchvision ViT); otherwise the model's top-level children that hold parameters, minus a final
-    classifier.
+    Resolution order: timm ``feature_info``; a ``backbone`` child (torchvision FCN / DeepLabV3 / LR-ASPP and
+    other encoder-decoder nets): the backbone's stages, found by these same rules and prefixed ``backbone.``, so
+    ``layer=1`` on ``fcn_resnet50`` is ``backbone.layer1`` as on ``resnet50`` and the decoder heads are never
+    stages; ``layer1..layerK`` children (torchvision ResNet family; entry 0 is the stem, so ``layer=1`` is
+    ``layer1``); a ``features`` (or ``layers``) sequence (torchvision MobileNet, EfficientNet, DenseNet, VGG,
+    ConvNeXt, MNASNet, ...); ``trunk_output`` blocks (RegNet, entry 0 the stem); ``encoder.layers`` (torchvision
+    ViT); otherwise the model's top-level children that hold parameters, minus a final classifier.
 
     Example:
         >>> import torchvision
         >>> from adaptkit.core import stage_names
         >>> stage_names(torchvision.models.resnet18())
         ['maxpool', 'layer1', 'layer2', 'layer3', 'layer4']
+        >>> seg = torchvision.models.segmentation.fcn_resnet50(weights=None, weights_backbone=None)
+        >>> stage_names(seg)
+        ['backbone.maxpool', 'backbone.layer1', 'backbone.layer2', 'backbone.layer3', 'backbone.layer4']
     """
     model = unwrap_model(model)
     fi = _feature_info_modules(model)
     if fi is not None:
         return fi
     children = dict(model.named_children())
+    backbone = children.get("backbone")
+    if isinstance(backbone, nn.Module):  # encoder-decoder: the encoder's stages (a decoder head is no stage)
+        inner = stage_names(backbone)
+        if inner:
+            return [f"backbone.{n}" for n in inner]
     blocks = _numbered_blocks(model)
     if blocks:
         return blocks

@@ -115,6 +115,36 @@ def test_stages_named_cnn() -> None:
     assert resolve_layer(m, "block1.1") == "block1.1"
 
 
+def test_stages_torchvision_segmentation_are_the_backbone_stages() -> None:
+    """FCN / DeepLabV3 / LR-ASPP: ``layer=i`` is the backbone's stage ``i`` (as on the classification model the
+    backbone comes from), never the decoder heads ``classifier`` / ``aux_classifier``."""
+    seg = torchvision.models.segmentation
+    fcn = seg.fcn_resnet50(weights=None, weights_backbone=None, num_classes=4, aux_loss=True)
+    resnet = ["maxpool", "layer1", "layer2", "layer3", "layer4"]  # torchvision resnet50's stages (test above)
+    assert stage_names(fcn) == [f"backbone.{n}" for n in resnet]
+    assert resolve_layer(fcn, 1) == "backbone.layer1" and resolve_layer(fcn, -1) == "backbone.layer4"
+    lraspp = seg.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=4)
+    blocks = len(torchvision.models.mobilenet_v3_large().features)  # the backbone keeps every features block
+    assert stage_names(lraspp) == [f"backbone.{i}" for i in range(blocks)]
+    assert resolve_layer(lraspp, 1) == "backbone.1"
+    rows = {r.name: r.stage for r in list_layers(fcn)}
+    assert rows["backbone.layer1"] == 1 and rows["classifier"] is None and rows["aux_classifier"] is None
+
+
+def test_stages_custom_encoder_decoder_with_backbone() -> None:
+    class EncDec(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = _NamedCNN()
+            self.decoder = nn.Conv2d(8, 3, 1)
+
+    m = EncDec()
+    assert stage_names(m) == ["backbone.stem", "backbone.block1", "backbone.block2"]
+    assert resolve_layer(nn.DataParallel(m), 1) == "backbone.block1"
+    m.backbone = nn.Sequential(nn.ReLU(), nn.Identity())  # a backbone without parameters gives no stages
+    assert stage_names(m) == ["decoder"]
+
+
 def test_resolve_strips_module_prefix_and_unwraps_dataparallel() -> None:
     m = torchvision.models.resnet18(num_classes=10)
     assert resolve_layer(m, "module.layer3") == "layer3"

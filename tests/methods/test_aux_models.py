@@ -1,6 +1,7 @@
 """The test-time-training methods on the architectures the issue names: torchvision ResNet-50, MobileNetV3,
 EfficientNet, ConvNeXt; timm ResNet / ConvNeXt through ``feature_info``; a custom CNN by layer name. ``layer`` as
-an int and as a name resolve to the same module and give the same result."""
+an int and as a name resolve to the same module and give the same result. On torchvision segmentation models
+``layer`` is a backbone stage: adaptation stops there and adapts only the backbone below it."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
+import torchvision.models.segmentation as seg
 from helpers import assert_model_unchanged, calibrate_bn, snapshot_model
 
 import adaptkit
@@ -82,3 +84,60 @@ def test_train_head_and_adapt(method: str, model_name: str) -> None:
         torch.testing.assert_close(w2(x), out)
     assert names  # something upstream of the tap is adapted, nothing after it
     assert "fc" not in names and "classifier" not in names and "head" not in names
+
+
+SEG_MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[str, ...], str]] = {
+    # name: (factory, parameter-name prefixes that run up to and including stage 1, a module above the tap)
+    "fcn_resnet50": (
+        lambda: seg.fcn_resnet50(weights=None, weights_backbone=None, num_classes=4, aux_loss=True),
+        ("backbone.conv1.", "backbone.bn1.", "backbone.layer1."),
+        "backbone.layer2",
+    ),
+    "deeplabv3_mobilenet_v3_large": (
+        lambda: seg.deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=4, aux_loss=True),
+        ("backbone.0.", "backbone.1."),
+        "backbone.2",
+    ),
+}
+
+
+@pytest.mark.parametrize("model_name", list(SEG_MODELS))
+@pytest.mark.parametrize("method", list(METHODS))
+def test_segmentation_layer_is_a_backbone_stage(method: str, model_name: str) -> None:
+    """``layer=1`` on FCN / DeepLabV3 is backbone stage 1: the head is bound there, each adaptation step runs the
+    model only up to it (the decoder heads and later stages run just for the prediction), only the backbone
+    below it adapts, and the prediction is the model's own dict."""
+    make, prefixes, above = SEG_MODELS[model_name]
+    torch.manual_seed(0)
+    model = calibrate_bn(make(), (torch.rand(4, 3, 32, 32) for _ in range(2)))
+    cls = METHODS[method]
+    data = [torch.rand(4, 3, 32, 32) for _ in range(2)]
+    head = cls.train_head(model, 1, data, epochs=1, progress=False, max_steps=1, **HEAD_KW.get(method, {}))
+    assert head.binding["layers"] == [prefixes[-1][:-1]]
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    modules = dict(model.named_modules())
+    calls = {n: 0 for n in (prefixes[-1][:-1], above, "classifier", "aux_classifier")}
+    handles = [
+        modules[n].register_forward_pre_hook(lambda m, i, n=n: calls.__setitem__(n, calls[n] + 1)) for n in calls
+    ]
+    snap = snapshot_model(model)  # with the counting hooks
+    steps = 3
+    per_step = 2 if method == "ttt_pp" else 1  # TTT++ runs the augmented views and the clean batch apart
+    full = 1 if method == "ttt" else 2  # refresh: a statistics pass above the tap, then the prediction (TTT
+    # keeps the source statistics above the tap, as its official code: the prediction only)
+    for truncate in (True, False):
+        with cls(model, layer=1, head=head, steps=steps, lr=1e-4, truncate=truncate) as w:
+            calls.update(dict.fromkeys(calls, 0))  # after the wrap-time probe (a truncated forward)
+            out = w(x)
+            adapted = [n for n, _ in w.named_adapted_parameters()]
+        assert calls[prefixes[-1][:-1]] == steps * per_step + full  # the tapped stage runs in every step
+        for n in (above, "classifier", "aux_classifier"):
+            assert calls[n] == (full if truncate else steps * per_step + full), (truncate, n, calls)
+        assert adapted and all(n.startswith(prefixes) for n in adapted), adapted
+        assert type(out) is type(ref) and list(out) == ["out", "aux"]
+        assert all(out[k].shape == ref[k].shape and torch.isfinite(out[k]).all() for k in ref)
+        assert_model_unchanged(model, snap)
+    for h in handles:
+        h.remove()
