@@ -116,6 +116,7 @@ DOC_FILES = [
     "docs/index.md",
     "docs/api.md",
     "docs/cli.md",
+    "docs/data_and_bench.md",
     "docs/methods/bn_adapt.md",
     "docs/methods/tent.md",
     "docs/methods/ncttt.md",

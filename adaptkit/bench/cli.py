@@ -18,11 +18,19 @@ def add_parser(subparsers: Any) -> None:
             "corruptions at severity 5, source / BNAdapt(N=0) / BNAdapt(N=16) / Tent, reset each shift."
         ),
     )
-    p.add_argument("--model", default="fmnist_resnet", help="fmnist_resnet (built-in), a torchvision or timm name")
+    p.add_argument(
+        "--task", default="classification", choices=["classification", "segmentation"],
+        help="segmentation: mIoU on Fashion-MNIST scenes with the built-in LR-ASPP model, source/BNAdapt/Tent/OCL",
+    )  # fmt: skip
+    p.add_argument(
+        "--model", help="fmnist_resnet / fmnist_lraspp (built-in; the default per task), a torchvision or timm name"
+    )
     p.add_argument("--checkpoint", help="state-dict file for --model")
     p.add_argument("--num-classes", type=int)
     p.add_argument(
-        "--dataset", default="fashion_mnist", help="fashion_mnist, cifar10c, cifar100c, imagenet_c, synthetic"
+        "--dataset",
+        help="fashion_mnist (default), cifar10c, cifar100c, imagenet_c, synthetic; segmentation: fashion_scenes "
+        "(default), synthetic_scenes",
     )
     p.add_argument("--data-root", help="folder with the released CIFAR-C / ImageNet-C files")
     p.add_argument("--methods", nargs="+", help="method specs, e.g. source bn_adapt:N=16 tent:lr=1e-3")
@@ -33,7 +41,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--protocol", default="reset_each_shift", choices=["reset_each_shift", "continual", "gradual", "mixed"]
     )
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, help="default 64 (classification), 16 (segmentation)")
     p.add_argument("--n-samples", type=int, help="images per shift (default: all)")
     p.add_argument("--dirichlet", type=float, help="non-i.i.d. labels: Dirichlet concentration (e.g. 0.1)")
     p.add_argument("--seed", type=int, default=0)
@@ -45,7 +53,9 @@ def add_parser(subparsers: Any) -> None:
         "--sweep", action="append", default=[], metavar="KEY=V1,V2",
         help="repeatable; e.g. --sweep bn_adapt.N=0,4,16,inf --sweep batch_size=1,8,32 --sweep severity=1,3,5",
     )  # fmt: skip
-    p.add_argument("--source-epochs", type=int, default=3, help="epochs for the built-in source model")
+    p.add_argument(
+        "--source-epochs", type=int, help="epochs for the built-in source model (default 3; segmentation 6)"
+    )
     p.add_argument("--out", help="report directory (default: reports/bench-<time>)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -53,7 +63,7 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Execute ``adaptkit bench``."""
-    from adaptkit.bench.runner import DEFAULT_METHODS, BenchConfig, run_bench
+    from adaptkit.bench.runner import DEFAULT_METHODS, DEFAULT_SEG_METHODS, BenchConfig, run_bench
     from adaptkit.bench.spec import parse_sweep
     from adaptkit.data.corruptions import CORRUPTIONS, EXTRA_CORRUPTIONS
 
@@ -71,10 +81,13 @@ def run(args: argparse.Namespace) -> int:
     severities = args.severities
     if "severity" in sweep:
         severities = sorted({int(v) for v in sweep["severity"]})
+    seg = args.task == "segmentation"
     cfg = BenchConfig(
-        model=args.model, checkpoint=args.checkpoint, num_classes=args.num_classes, dataset=args.dataset,
-        data_root=args.data_root, methods=list(args.methods or DEFAULT_METHODS), corruptions=corruptions,
-        severities=severities, protocol=args.protocol, batch_size=args.batch_size, n_samples=args.n_samples,
+        task=args.task, model=args.model or ("fmnist_lraspp" if seg else "fmnist_resnet"), checkpoint=args.checkpoint,
+        num_classes=args.num_classes, dataset=args.dataset or ("fashion_scenes" if seg else "fashion_mnist"),
+        data_root=args.data_root, methods=list(args.methods or (DEFAULT_SEG_METHODS if seg else DEFAULT_METHODS)),
+        corruptions=corruptions, severities=severities, protocol=args.protocol,
+        batch_size=args.batch_size or (16 if seg else 64), n_samples=args.n_samples,
         dirichlet=args.dirichlet, seed=args.seed, device=args.device, amp=args.amp, clean=not args.no_clean,
         shift_score=not args.no_shift_score, sweep=sweep, source_epochs=args.source_epochs,
         progress=not args.quiet, out_dir=args.out,

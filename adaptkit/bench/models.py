@@ -165,6 +165,14 @@ def cifar_resnet50(num_classes: int = 10, **kwargs: Any) -> CIFARResNet:
     return cifar_resnet("resnet50", num_classes, **kwargs)
 
 
+def save_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` to ``path`` through a temp file of this process (concurrent runs never see half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
 def _progress(it: Any, total: int, desc: str, enabled: bool = True) -> Any:
     if not enabled:
         return it
@@ -252,10 +260,7 @@ def fmnist_source_model(
         device=device,
         progress=progress,
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # concurrent runs: own temp file
-    torch.save(model.cpu().state_dict(), tmp)
-    tmp.replace(path)
+    save_atomic(model.cpu().state_dict(), path)
     return model.eval()
 
 

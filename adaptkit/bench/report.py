@@ -16,9 +16,18 @@ def _point_key(row: dict[str, Any], sweep_keys: list[str]) -> tuple[Any, ...]:
     return tuple(row.get(k) for k in sweep_keys)
 
 
-def summarize(rows: list[dict[str, Any]], dataset: str, sweep_keys: list[str] | None = None) -> list[dict[str, Any]]:
-    """One summary per (sweep point, method): mean accuracy over shifted domains, gain over source, mCE,
-    relative mCE (AlexNet-normalised on ImageNet-C, source-normalised otherwise) and clean accuracy."""
+def score_key(task: str) -> tuple[str, str]:
+    """The row key and axis label of a task's score: accuracy for classification, mIoU for segmentation."""
+    return ("miou", "mIoU (%)") if task == "segmentation" else ("accuracy", "accuracy (%)")
+
+
+def summarize(
+    rows: list[dict[str, Any]], dataset: str, sweep_keys: list[str] | None = None, key: str = "accuracy"
+) -> list[dict[str, Any]]:
+    """One summary per (sweep point, method): mean score over shifted domains, gain over source, and for
+    classification mCE and relative mCE (AlexNet-normalised on ImageNet-C, source-normalised otherwise); the
+    clean score. ``key`` is the row's score (``accuracy``, or ``miou`` for segmentation): summary fields are
+    ``mean_<key>``, ``clean_<key>`` and ``gain_over_source``."""
     sweep_keys = sweep_keys or []
     groups: dict[tuple[Any, ...], dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
@@ -27,20 +36,24 @@ def summarize(rows: list[dict[str, Any]], dataset: str, sweep_keys: list[str] | 
     for point, by_method in groups.items():
         src = next((v for k, v in by_method.items() if k == "source"), None)
         src_shift = [r for r in src if r["domain"] != "clean"] if src else []
-        src_mean = sum(r["accuracy"] for r in src_shift) / len(src_shift) if src_shift else math.nan
+        src_mean = sum(r[key] for r in src_shift) / len(src_shift) if src_shift else math.nan
         src_clean = next((r["error"] for r in src or [] if r["domain"] == "clean"), None)
         for method, rs in by_method.items():
             shifted = [r for r in rs if r["domain"] != "clean"]
             if not shifted:
                 continue
-            mean_acc = sum(r["accuracy"] for r in shifted) / len(shifted)
+            mean_acc = sum(r[key] for r in shifted) / len(shifted)
             err = _errors_by_corruption(shifted)
+            clean = next((r[key] for r in rs if r["domain"] == "clean"), None)
             clean_err = next((r["error"] for r in rs if r["domain"] == "clean"), None)
             summary: dict[str, Any] = {
-                "method": method, **dict(zip(sweep_keys, point)), "mean_accuracy": mean_acc,
+                "method": method, **dict(zip(sweep_keys, point)), f"mean_{key}": mean_acc,
                 "gain_over_source": mean_acc - src_mean if src_shift else None,
-                "clean_accuracy": None if clean_err is None else 100.0 - clean_err, "domains": len(shifted),
+                f"clean_{key}": clean, "domains": len(shifted),
             }  # fmt: skip
+            if key != "accuracy":  # corruption errors (mCE) are a classification measure
+                out.append(summary)
+                continue
             if dataset == "imagenet_c" and set(err) <= set(ALEXNET_IMAGENET_C_ERR):
                 summary["mce_baseline"] = "alexnet"
                 summary["mce"] = mce(err, ALEXNET_IMAGENET_C_ERR)
@@ -77,7 +90,9 @@ def markdown(result: Any) -> str:
     cfg = result.config
     sweep_keys = list(cfg.sweep)
     rows = result.rows
-    summaries = summarize(rows, cfg.dataset, sweep_keys)
+    key, label = score_key(cfg.task)
+    name = label.split(" ")[0]  # accuracy / mIoU
+    summaries = summarize(rows, cfg.dataset, sweep_keys, key)
     lines = [
         "# adaptkit bench report",
         "",
@@ -93,8 +108,8 @@ def markdown(result: Any) -> str:
     if not sweep_keys:
         methods = list(dict.fromkeys(r["method"] for r in rows))
         domains = list(dict.fromkeys(r["domain"] for r in rows if r["domain"] != "clean"))
-        acc = {(r["method"], r["domain"]): r["accuracy"] for r in rows}
-        lines += ["Accuracy (%) per shift:", ""]
+        acc = {(r["method"], r["domain"]): r[key] for r in rows}
+        lines += [f"{'Accuracy (%)' if key == 'accuracy' else label} per shift:", ""]
         shift_col = bool(result.shift)
         lines.append("| shift | " + " | ".join(methods) + (" | shift score |" if shift_col else " |"))
         lines.append("|---" * (len(methods) + 1 + shift_col) + "|")
@@ -104,28 +119,28 @@ def markdown(result: Any) -> str:
             lines.append(f"| {d} | " + " | ".join(cells + extra) + " |")
         by = {s["method"]: s for s in summaries}
         pad = [""] if shift_col else []
-        for label, key, signed in [
-            ("**mean**", "mean_accuracy", False),
+        for row_label, field, signed in [
+            ("**mean**", f"mean_{key}", False),
             ("gain over source", "gain_over_source", True),
             ("mCE", "mce", False),
             ("relative mCE", "relative_mce", False),
-            ("clean", "clean_accuracy", False),
+            ("clean", f"clean_{key}", False),
         ]:
-            vals = [by.get(m, {}).get(key) for m in methods]
+            vals = [by.get(m, {}).get(field) for m in methods]
             if all(v is None for v in vals):
                 continue
-            lines.append(f"| {label} | " + " | ".join([_fmt(v, signed) for v in vals] + pad) + " |")
+            lines.append(f"| {row_label} | " + " | ".join([_fmt(v, signed) for v in vals] + pad) + " |")
         base = next((s.get("mce_baseline") for s in summaries if s.get("mce_baseline")), None)
         if base:
             lines += ["", f"mCE and relative mCE are normalised by the {base} model's errors (100 = {base})."]
     else:
-        lines += [f"Sweep over {', '.join(sweep_keys)}: mean accuracy (%) over the shifts of each point.", ""]
-        lines.append("| method | " + " | ".join(sweep_keys) + " | mean accuracy | gain over source |")
+        lines += [f"Sweep over {', '.join(sweep_keys)}: mean {name} (%) over the shifts of each point.", ""]
+        lines.append("| method | " + " | ".join(sweep_keys) + f" | mean {name} | gain over source |")
         lines.append("|---" * (len(sweep_keys) + 3) + "|")
         for s in summaries:
             keys = " | ".join(_fmt(s.get(k)) for k in sweep_keys)
             lines.append(
-                f"| {s['method']} | {keys} | {_fmt(s['mean_accuracy'])} | {_fmt(s['gain_over_source'], True)} |"
+                f"| {s['method']} | {keys} | {_fmt(s[f'mean_{key}'])} | {_fmt(s['gain_over_source'], True)} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -136,7 +151,7 @@ def write_report(result: Any, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     cfg = result.config
     data = result.to_dict()
-    data["summary"] = summarize(result.rows, cfg.dataset, list(cfg.sweep))
+    data["summary"] = summarize(result.rows, cfg.dataset, list(cfg.sweep), score_key(cfg.task)[0])
     (out / "results.json").write_text(json.dumps(data, indent=2, default=_json_default))
     if result.rows:
         keys = list(dict.fromkeys(k for r in result.rows for k in r))

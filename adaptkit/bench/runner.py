@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import adaptkit
 from adaptkit.bench.heads import needs_head, prepare_head
@@ -21,8 +22,15 @@ from adaptkit.bench.models import _progress, cache_dir, load_model
 from adaptkit.bench.spec import MethodSpec
 from adaptkit.data.datasets import as_unit_float
 from adaptkit.data.streams import Domain, make_stream
+from adaptkit.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
 
 DEFAULT_METHODS = ("source", "bn_adapt:N=0", "bn_adapt:N=16", "tent")
+#: default methods of ``task="segmentation"``
+DEFAULT_SEG_METHODS = ("source", "bn_adapt:N=0", "tent", "ocl")
+#: label of unlabelled pixels in segmentation masks
+IGNORE_INDEX = 255
+#: images per domain kept for the segmentation report's example figure
+N_EXAMPLES = 4
 
 
 def _default_corruptions() -> list[str]:
@@ -36,10 +44,16 @@ class BenchConfig:
     """Every setting of a benchmark run (recorded verbatim in the report).
 
     Attributes:
-        model: ``fmnist_resnet`` (built-in, trained once and cached), a torchvision name or a timm name.
+        task: ``classification`` or ``segmentation`` (scores are mIoU over per-pixel labels; with the
+            classification defaults for ``model``, ``dataset`` and ``methods`` these switch to the built-in
+            segmentation ones: ``fmnist_lraspp``, ``fashion_scenes`` and :data:`DEFAULT_SEG_METHODS`).
+        model: ``fmnist_resnet`` (built-in, trained once and cached), ``fmnist_lraspp`` (built-in segmentation
+            model), a torchvision name or a timm name.
         checkpoint: a state-dict file for ``model``.
         dataset: ``fashion_mnist`` (clean test set corrupted on the fly), ``cifar10c`` / ``cifar100c`` /
-            ``imagenet_c`` (released files under ``data_root``) or ``synthetic`` (tiny generated data, for tests).
+            ``imagenet_c`` (released files under ``data_root``) or ``synthetic`` (tiny generated data, for tests);
+            for segmentation ``fashion_scenes`` (Fashion-MNIST items on textured canvases, corrupted on the fly)
+            or ``synthetic_scenes`` (tiny, for tests).
         methods: method specs, e.g. ``["source", "bn_adapt:N=16", "tent:lr=1e-3"]``.
         corruptions / severities: the shifts to evaluate.
         protocol: ``reset_each_shift``, ``continual``, ``gradual`` or ``mixed``.
@@ -52,6 +66,7 @@ class BenchConfig:
     """
 
     model: str = "fmnist_resnet"
+    task: str = "classification"
     checkpoint: str | None = None
     num_classes: int | None = None
     dataset: str = "fashion_mnist"
@@ -69,9 +84,24 @@ class BenchConfig:
     clean: bool = True
     shift_score: bool = True
     sweep: dict[str, list[Any]] = field(default_factory=dict)
-    source_epochs: int = 3
+    source_epochs: int | None = None
     progress: bool = True
     out_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.task not in ("classification", "segmentation"):
+            raise ValueError(f"task must be 'classification' or 'segmentation', got {self.task!r}")
+        if self.task == "segmentation":
+            if self.model in ("fmnist_resnet", "fmnist-resnet"):
+                self.model = "fmnist_lraspp"
+            if self.dataset in ("fashion_mnist", "fmnist"):
+                self.dataset = "fashion_scenes"
+            if list(self.methods) == list(DEFAULT_METHODS):
+                self.methods = list(DEFAULT_SEG_METHODS)
+            if self.dirichlet is not None:
+                raise ValueError("dirichlet (label-sorted streams) needs class labels, not segmentation masks")
+        if self.source_epochs is None:
+            self.source_epochs = 6 if self.task == "segmentation" else 3
 
 
 @dataclass
@@ -83,6 +113,7 @@ class BenchResult:
     shift: dict[str, float]
     env: dict[str, Any]
     out_dir: Path | None = None
+    examples: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -115,7 +146,19 @@ def synthetic_data(n: int = 256, size: int = 28, classes: int = 4, seed: int = 0
     return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
 
 
+def _scenes(config: BenchConfig, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from adaptkit.data.scenes import fashion_scenes, make_scenes
+
+    if config.dataset == "synthetic_scenes":
+        items, labels = synthetic_data(n=64, seed=config.seed + (0 if train else 1))
+        return make_scenes(items, labels, 64, size=40, items=(1, 2), seed=config.seed + (0 if train else 1))
+    n = 8000 if train else (config.n_samples or 1000)
+    return fashion_scenes(n, train=train, root=config.data_root, seed=config.seed + (0 if train else 1))
+
+
 def _clean_data(config: BenchConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if config.dataset in ("fashion_scenes", "synthetic_scenes"):
+        return _scenes(config, train=False)
     if config.dataset in ("fashion_mnist", "fmnist"):
         from adaptkit.data.datasets import FashionMNIST
 
@@ -128,6 +171,8 @@ def _clean_data(config: BenchConfig) -> tuple[torch.Tensor, torch.Tensor] | None
 
 def _train_data(config: BenchConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The source training split (for the auxiliary heads of test-time-training methods), when the dataset has one."""
+    if config.dataset in ("fashion_scenes", "synthetic_scenes"):
+        return _scenes(config, train=True)
     if config.dataset in ("fashion_mnist", "fmnist"):
         from adaptkit.data.datasets import FashionMNIST
 
@@ -140,6 +185,12 @@ def _train_data(config: BenchConfig) -> tuple[torch.Tensor, torch.Tensor] | None
 
 def build_model(config: BenchConfig) -> nn.Module:
     """The source model of a run (the built-in one is trained on first use and cached)."""
+    if config.model in ("fmnist_lraspp", "fmnist-lraspp"):
+        from adaptkit.bench.seg_models import fmnist_seg_model, synthetic_seg_model
+
+        if config.dataset == "synthetic_scenes":
+            return synthetic_seg_model(*_scenes(config, train=True), seed=config.seed)
+        return fmnist_seg_model(epochs=config.source_epochs, seed=config.seed, progress=config.progress)
     if config.model in ("fmnist_resnet", "fmnist-resnet") and config.dataset == "synthetic":
         from adaptkit.bench.models import SmallResNet, train_classifier
 
@@ -219,14 +270,21 @@ def evaluate(
     config: BenchConfig,
     batch_size: int,
     head: Any = None,
-) -> dict[str, dict[str, float]]:
-    """Run one method over a stream of ``domains``; returns ``{domain: {correct, n, seconds}}``."""
+    examples: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Run one method over a stream of ``domains``.
+
+    Returns ``{domain: {correct, n, seconds}}`` for classification; for segmentation each domain also holds
+    ``confmat`` (the pixel confusion matrix, ignoring label 255), and with ``examples`` the predictions of the
+    first images of each domain are stored under ``examples[domain][spec.label]``.
+    """
     device = torch.device(config.device)
+    seg = config.task == "segmentation"
     kwargs = {k: v for k, v in spec.overrides.items() if not k.startswith("head.")}
     if head is not None:
         kwargs["head"] = head
     wrapper = None if spec.name == "source" else adaptkit.adapt(model, spec.name, **kwargs)
-    stats: dict[str, dict[str, float]] = {}
+    stats: dict[str, dict[str, Any]] = {}
     amp = (
         torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16)
         if config.amp
@@ -247,15 +305,43 @@ def evaluate(
                     if batch.reset:
                         wrapper.reset()
                     out = wrapper(x)
-            pred = adaptkit.core.get_logits(out).argmax(1).cpu()
+            logits = adaptkit.core.get_logits(out).detach().float()
             s = stats.setdefault(batch.domain, {"correct": 0.0, "n": 0.0, "seconds": 0.0})
-            s["correct"] += float((pred == batch.y).sum())
+            if seg:
+                if logits.shape[-2:] != batch.y.shape[-2:]:
+                    logits = F.interpolate(logits, size=batch.y.shape[-2:], mode="bilinear", align_corners=False)
+                pred = logits.argmax(1).cpu()
+                cm = confusion_matrix(pred, batch.y, logits.shape[1], ignore_index=IGNORE_INDEX)
+                s["confmat"] = cm if "confmat" not in s else s["confmat"] + cm
+                if examples is not None and batch.index is not None and config.protocol != "mixed":
+                    keep = batch.index < N_EXAMPLES  # the first images of the domain, in any stream order
+                    if bool(keep.any()):
+                        buf = examples.setdefault(batch.domain, {}).setdefault(
+                            spec.label, torch.zeros(N_EXAMPLES, *pred.shape[1:], dtype=torch.uint8)
+                        )
+                        buf[batch.index[keep]] = pred[keep].to(torch.uint8)
+            else:
+                pred = logits.argmax(1).cpu()
+                s["correct"] += float((pred == batch.y).sum())
             s["n"] += len(batch.y)
             s["seconds"] += time.perf_counter() - t0
     finally:
         if wrapper is not None:
             wrapper.restore()
     return stats
+
+
+def _score(s: dict[str, Any], seg: bool) -> dict[str, Any]:
+    """The row fields of one domain's statistics: accuracy (%), or mIoU / pixel accuracy / per-class IoU (%)."""
+    if not seg:
+        acc = 100.0 * s["correct"] / max(s["n"], 1)
+        return {"accuracy": acc, "error": 100.0 - acc}
+    cm = s["confmat"]
+    miou = 100.0 * mean_iou(cm)
+    return {
+        "miou": miou, "error": 100.0 - miou, "pixel_accuracy": 100.0 * pixel_accuracy(cm),
+        "iou": [round(100.0 * v, 4) for v in iou_per_class(cm).tolist()],
+    }  # fmt: skip
 
 
 def run_bench(
@@ -293,6 +379,8 @@ def run_bench(
             xs = (as_unit_float(b) for b in xs)
             shift[d.name] = adaptkit.shift_score(model, (b.to(config.device) for b in xs)).mean
     rows: list[dict[str, Any]] = []
+    seg = config.task == "segmentation"
+    examples: dict[str, dict[str, torch.Tensor]] = {}
     specs = [MethodSpec.parse(m) for m in config.methods]
     heads: dict[str, tuple[Any, nn.Module]] = {}
     for spec in specs:
@@ -312,16 +400,21 @@ def run_bench(
             groups = [doms] + ([[clean]] if clean is not None and config.clean and sev is None else [])
             head, used = heads.get(spec0.label, (None, model))
             for group in groups:
-                for dom, s in evaluate(used, spec, group, config, bs, head).items():
+                ex = examples if seg and not point else None
+                for dom, s in evaluate(used, spec, group, config, bs, head, ex).items():
                     d = next((x for x in group if x.name == dom), None)
-                    acc = 100.0 * s["correct"] / max(s["n"], 1)
                     rows.append({
                         "method": spec.label, "base_method": spec.name, "domain": dom,
                         "corruption": d.corruption if d else dom, "severity": d.severity if d else 0,
-                        "accuracy": acc, "error": 100.0 - acc, "n": int(s["n"]), "batch_size": bs,
+                        **_score(s, seg), "n": int(s["n"]), "batch_size": bs,
                         "seconds": s["seconds"], "protocol": config.protocol, **point,
                     })  # fmt: skip
-    result = BenchResult(config, rows, shift, _env(config))
+    if seg:
+        for d in [*domains, *([clean] if clean is not None else [])]:
+            if d.name in examples:
+                examples[d.name]["image"] = d.x[:N_EXAMPLES]
+                examples[d.name]["target"] = d.y[:N_EXAMPLES]
+    result = BenchResult(config, rows, shift, _env(config), examples=examples)
     if write:
         from adaptkit.bench.report import write_report
 
