@@ -58,6 +58,12 @@ def test_tttpp_online() -> None:
     assert "after reset(): queue 0 rows, weights back to the source: True" in out
 
 
+def test_ocl_deeplabv3() -> None:
+    out = run_example("ocl_deeplabv3.py")
+    assert "on fog-5: source" in out and "OCL" in out
+    assert "model unchanged after the with blocks: True" in out
+
+
 def test_wrap_torchvision() -> None:
     out = run_example("wrap_torchvision.py")
     assert out.count("model unchanged after the with block: True") == 2

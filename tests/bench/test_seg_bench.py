@@ -151,13 +151,18 @@ def test_segmentation_bench_cli_end_to_end(tmp_path: Path, capsys: pytest.Captur
         assert (out / name).is_file(), name
     data = json.loads((out / "results.json").read_text())
     assert data["config"]["task"] == "segmentation" and data["config"]["model"] == "fmnist_lraspp"
-    assert {r["method"] for r in data["rows"]} == {"source", "bn_adapt(N=0)", "tent", "ocl"}
+    assert {r["method"] for r in data["rows"]} == {
+        "source",
+        "bn_adapt(N=0)",
+        "tent(lr=0.0001)",
+        "ocl(lr=0.0005,bn_prior=0.01)",
+    }
     for r in data["rows"]:
         assert 0.0 <= r["miou"] <= 100.0 and 0.0 <= r["pixel_accuracy"] <= 100.0
         assert len(r["iou"]) == 5 and "accuracy" not in r
     summ = {s["method"]: s for s in data["summary"]}
     assert summ["source"]["gain_over_source"] == 0.0 and "mce" not in summ["source"]
-    assert set(summ["ocl"]) >= {"mean_miou", "clean_miou"}
+    assert set(summ["ocl(lr=0.0005,bn_prior=0.01)"]) >= {"mean_miou", "clean_miou"}
     assert "mCE" not in (out / "report.md").read_text()
 
 
