@@ -65,7 +65,7 @@ def make_plots(result: Any, out: Path) -> list[Path]:
     ax.set_xticklabels(corrs, rotation=45, ha="right")
     ax.set_ylabel(label)
     ax.set_title(f"{cfg.dataset}, {cfg.protocol}, batch {cfg.batch_size}")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: never over the bars
     fig.tight_layout()
     paths.append(_save(fig, out / "corruption_bars.png", plt))
     # accuracy vs severity
