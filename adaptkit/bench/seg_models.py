@@ -115,11 +115,24 @@ def synthetic_seg_model(images: torch.Tensor, masks: torch.Tensor, seed: int = 0
     """A quickly trained :func:`lraspp` on tiny generated scenes (``dataset="synthetic_scenes"``, for tests),
     cached like the built-in model."""
     classes = int(masks.max()) + 1
-    path = cache_dir() / "models" / f"synthetic_lraspp_v1_c{classes}_n{len(masks)}_s{seed}.pt"
+    path = cache_dir() / "models" / f"synthetic_lraspp_v2_c{classes}_n{len(masks)}_s{seed}.pt"
     model = lraspp(classes)
     if path.is_file():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return model.eval()
-    train_segmenter(model, images, masks, epochs=2, batch_size=16, lr=3e-3, seed=seed, progress=False)
+    train_segmenter(model, images, masks, epochs=4, batch_size=16, lr=3e-3, seed=seed, progress=False)
+    # a few steps leave BN running statistics (momentum 0.01) near their init: re-estimate them exactly
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    model.train()
+    with torch.no_grad():
+        for lo in range(0, len(images), 32):
+            model(as_unit_float(images[lo : lo + 32]))
+    for m, mom in zip(bns, momenta):
+        m.momentum = mom
+    model.eval()
     save_atomic(model.state_dict(), path)
     return model.eval()
