@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     args = parser.parse_args()
     quick = args.quick or os.environ.get("ADAPTKIT_EXAMPLES_QUICK", "") not in ("", "0")
-    n_train, n_test, size, epochs = (64, 32, 48, 1) if quick else (4000, 512, 64, 5)
+    n_train, n_test, size, epochs = (64, 32, 48, 1) if quick else (3000, 512, 64, 4)
 
     # 1. a segmentation model trained on clean scenes
     train_items, train_labels = items(True, quick)

@@ -7,7 +7,7 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -184,6 +184,62 @@ def _progress(it: Any, total: int, desc: str, enabled: bool = True) -> Any:
         return it
 
 
+def fit(
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    batch_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor],
+    epochs: int,
+    batch_size: int,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    desc: str = "train",
+    pct_start: float = 0.15,
+) -> dict[str, Any]:
+    """The training loop of the built-in source models: seeded shuffles, a one-cycle schedule peaking at the
+    optimizer's lr, ``batch_loss(model, x, y, generator)`` per batch (augmentation + loss; ``x`` in [0, 1]).
+
+    Returns a history dict (``loss`` per epoch, ``seconds``); the model is left in eval mode.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model.to(device).train()
+    lr = optimizer.param_groups[0]["lr"]
+    steps = epochs * ((len(targets) + batch_size - 1) // batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(steps, 1), pct_start=pct_start)
+    history: dict[str, Any] = {"loss": []}
+    t0 = time.perf_counter()
+    for ep in range(epochs):
+        perm = torch.randperm(len(targets), generator=gen)
+        total, count = 0.0, 0
+        batches = range(0, len(perm), batch_size)
+        for lo in _progress(batches, len(batches), f"{desc}, epoch {ep + 1}/{epochs}", progress):
+            idx = perm[lo : lo + batch_size]
+            loss = batch_loss(model, as_unit_float(images[idx].to(device)), targets[idx].to(device), gen)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sched.step()
+            total += float(loss.detach()) * len(idx)
+            count += len(idx)
+        history["loss"].append(total / max(count, 1))
+    history["seconds"] = time.perf_counter() - t0
+    model.eval()
+    return history
+
+
+def _classifier_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Cross-entropy after a random 2-pixel shift (replicate padding) and a random horizontal flip."""
+    pad = F.pad(x, (2, 2, 2, 2), mode="replicate")
+    i, j = torch.randint(0, 5, (2,), generator=gen).tolist()
+    x = pad[..., i : i + x.shape[-2], j : j + x.shape[-1]]
+    if torch.rand((), generator=gen) < 0.5:
+        x = x.flip(-1)
+    return F.cross_entropy(model(x), y)
+
+
 def train_classifier(
     model: nn.Module,
     images: torch.Tensor,
@@ -195,43 +251,15 @@ def train_classifier(
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train ``model`` with SGD (momentum 0.9, cosine schedule, light crop/flip augmentation).
+    """Train ``model`` with SGD (momentum 0.9, one-cycle schedule, light crop/flip augmentation).
 
     Returns a history dict (``loss`` per epoch, ``seconds``).
     """
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model.to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    steps = epochs * ((len(targets) + batch_size - 1) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.15)
-    history: dict[str, Any] = {"loss": []}
-    t0 = time.perf_counter()
-    for ep in range(epochs):
-        perm = torch.randperm(len(targets), generator=gen)
-        total, count = 0.0, 0
-        batches = range(0, len(perm), batch_size)
-        for lo in _progress(batches, len(batches), f"train source model, epoch {ep + 1}/{epochs}", progress):
-            idx = perm[lo : lo + batch_size]
-            x = images[idx].to(device)
-            x = as_unit_float(x)
-            y = targets[idx].to(device)
-            pad = F.pad(x, (2, 2, 2, 2), mode="replicate")
-            i, j = torch.randint(0, 5, (2,), generator=gen).tolist()
-            x = pad[..., i : i + x.shape[-2], j : j + x.shape[-1]]
-            if torch.rand((), generator=gen) < 0.5:
-                x = x.flip(-1)
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach()) * len(idx)
-            count += len(idx)
-        history["loss"].append(total / max(count, 1))
-    history["seconds"] = time.perf_counter() - t0
-    model.eval()
-    return history
+    return fit(
+        model, images, targets, opt, _classifier_loss, epochs, batch_size, seed, device, progress,
+        "train source model",
+    )  # fmt: skip
 
 
 def fmnist_source_model(

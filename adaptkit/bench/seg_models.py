@@ -3,14 +3,13 @@ download) trained on Fashion-MNIST scenes (:mod:`adaptkit.data.scenes`), cached 
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from adaptkit.bench.models import _progress, cache_dir, save_atomic
+from adaptkit.bench.models import cache_dir, fit, save_atomic
 from adaptkit.data.datasets import as_unit_float
 from adaptkit.data.scenes import SCENE_CLASSES, fashion_scenes
 
@@ -54,37 +53,18 @@ def train_segmenter(
         >>> len(h["loss"]), model.training
         (1, False)
     """
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model.to(device).train()
+
+    def batch_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        if torch.rand((), generator=gen) < 0.5:
+            x, y = x.flip(-1), y.flip(-1)
+        out = model(x)
+        return F.cross_entropy(out["out"] if isinstance(out, dict) else out, y, ignore_index=ignore_index)
+
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    steps = epochs * ((len(masks) + batch_size - 1) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
-    history: dict[str, Any] = {"loss": []}
-    t0 = time.perf_counter()
-    for ep in range(epochs):
-        perm = torch.randperm(len(masks), generator=gen)
-        total, count = 0.0, 0
-        batches = range(0, len(perm), batch_size)
-        for lo in _progress(batches, len(batches), f"train segmentation model, epoch {ep + 1}/{epochs}", progress):
-            idx = perm[lo : lo + batch_size]
-            x = as_unit_float(images[idx]).to(device)
-            y = masks[idx].to(device)
-            if torch.rand((), generator=gen) < 0.5:
-                x, y = x.flip(-1), y.flip(-1)
-            out = model(x)
-            logits = out["out"] if isinstance(out, dict) else out
-            loss = F.cross_entropy(logits, y, ignore_index=ignore_index)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach()) * len(idx)
-            count += len(idx)
-        history["loss"].append(total / max(count, 1))
-    history["seconds"] = time.perf_counter() - t0
-    model.eval()
-    return history
+    return fit(
+        model, images, masks, opt, batch_loss, epochs, batch_size, seed, device, progress,
+        "train segmentation model", pct_start=0.1,
+    )  # fmt: skip
 
 
 def fmnist_seg_model(
