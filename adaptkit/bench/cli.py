@@ -30,9 +30,12 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--dataset",
         help="fashion_mnist (default), cifar10c, cifar100c, imagenet_c, synthetic; segmentation: fashion_scenes "
-        "(default), synthetic_scenes",
+        "(default), synthetic_scenes, cityscapes, acdc (val splits under --data-root)",
     )
-    p.add_argument("--data-root", help="folder with the released CIFAR-C / ImageNet-C files")
+    p.add_argument("--data-root", help="folder with the released CIFAR-C / ImageNet-C / Cityscapes / ACDC files")
+    p.add_argument(
+        "--image-size", nargs=2, type=int, metavar=("H", "W"), help="resize Cityscapes / ACDC (OCL: 512 1024)"
+    )
     p.add_argument("--methods", nargs="+", help="method specs, e.g. source bn_adapt:N=16 tent:lr=1e-3")
     p.add_argument(
         "--corruptions", nargs="+", help="corruption names (default: the 15 standard ones); 'all' adds the 4 extra"
@@ -85,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = BenchConfig(
         task=args.task, model=args.model or ("fmnist_lraspp" if seg else "fmnist_resnet"), checkpoint=args.checkpoint,
         num_classes=args.num_classes, dataset=args.dataset or ("fashion_scenes" if seg else "fashion_mnist"),
-        data_root=args.data_root, methods=list(args.methods or (DEFAULT_SEG_METHODS if seg else DEFAULT_METHODS)),
+        data_root=args.data_root, image_size=tuple(args.image_size) if args.image_size else None,
+        methods=list(args.methods or (DEFAULT_SEG_METHODS if seg else DEFAULT_METHODS)),
         corruptions=corruptions, severities=severities, protocol=args.protocol,
         batch_size=args.batch_size or (16 if seg else 64), n_samples=args.n_samples,
         dirichlet=args.dirichlet, seed=args.seed, device=args.device, amp=args.amp, clean=not args.no_clean,

@@ -53,8 +53,10 @@ class BenchConfig:
         checkpoint: a state-dict file for ``model``.
         dataset: ``fashion_mnist`` (clean test set corrupted on the fly), ``cifar10c`` / ``cifar100c`` /
             ``imagenet_c`` (released files under ``data_root``) or ``synthetic`` (tiny generated data, for tests);
-            for segmentation ``fashion_scenes`` (Fashion-MNIST items on textured canvases, corrupted on the fly)
-            or ``synthetic_scenes`` (tiny, for tests).
+            for segmentation ``fashion_scenes`` (Fashion-MNIST items on textured canvases, corrupted on the fly),
+            ``synthetic_scenes`` (tiny, for tests), or real shifted sets under ``data_root`` with no synthetic
+            corruption: ``cityscapes`` (the val split, one domain) and ``acdc`` (val, one domain per condition).
+        image_size: ``(H, W)`` to resize Cityscapes / ACDC to (e.g. ``(512, 1024)``, the OCL protocol).
         methods: method specs, e.g. ``["source", "bn_adapt:N=16", "tent:lr=1e-3"]``.
         corruptions / severities: the shifts to evaluate.
         protocol: ``reset_each_shift``, ``continual``, ``gradual`` or ``mixed``.
@@ -72,6 +74,7 @@ class BenchConfig:
     num_classes: int | None = None
     dataset: str = "fashion_mnist"
     data_root: str | None = None
+    image_size: tuple[int, int] | None = None
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     corruptions: list[str] = field(default_factory=_default_corruptions)
     severities: list[int] = field(default_factory=lambda: [5])
@@ -230,6 +233,8 @@ def build_domains(
         return domains, Domain("clean", x, y, "clean", 0)
     if config.data_root is None:
         raise ValueError(f"dataset {config.dataset!r} needs --data-root pointing at the released files")
+    if config.dataset in ("cityscapes", "acdc"):
+        return _real_segmentation_domains(config), None
     for c, s in itertools.product(config.corruptions, config.severities):
         if config.dataset in ("cifar10c", "cifar100c"):
             ds = CIFARC(config.data_root, c, s)
@@ -244,6 +249,23 @@ def build_domains(
             raise ValueError(f"unknown dataset {config.dataset!r}")
         domains.append(Domain(f"{c}-{s}", x, y, c, s))
     return domains, None
+
+
+def _real_segmentation_domains(config: BenchConfig) -> list[Domain]:
+    """Cityscapes val (one domain) or ACDC val (one domain per weather condition) from ``config.data_root``."""
+    from adaptkit.data.segmentation import ACDC, Cityscapes, stack
+
+    if config.task != "segmentation":
+        raise ValueError(f"dataset {config.dataset!r} holds segmentation masks: pass task='segmentation'")
+    assert config.data_root is not None
+    if config.dataset == "cityscapes":
+        x, y = stack(Cityscapes(config.data_root, "val", size=config.image_size), config.n_samples)
+        return [Domain("cityscapes-val", x, y, "cityscapes", 0)]
+    domains = []
+    for cond in ACDC(config.data_root, "val").conditions:
+        x, y = stack(ACDC(config.data_root, "val", size=config.image_size, conditions=cond), config.n_samples)
+        domains.append(Domain(f"acdc-{cond}", x, y, cond, 0))
+    return domains
 
 
 def _sweep_points(sweep: dict[str, list[Any]]) -> Iterator[dict[str, Any]]:

@@ -173,3 +173,53 @@ def test_segmentation_config_errors() -> None:
         BenchConfig(task="detection")
     with pytest.raises(ValueError, match="dirichlet"):
         BenchConfig(task="segmentation", dirichlet=0.1)
+
+
+def _png_tree(root: Path, rel_dir: str, stem_img: str, stem_lab: str, label: int, n: int = 2) -> None:
+    from PIL import Image
+
+    for i in range(n):
+        for rel, stem, mode, value in (
+            (rel_dir[0], stem_img, "RGB", (40 * i, 90, 200)),
+            (rel_dir[1], stem_lab, "L", label),
+        ):
+            d = root / rel
+            d.mkdir(parents=True, exist_ok=True)
+            Image.new(mode, (24, 16), value).save(d / f"s{i}_000000_{stem}.png")
+
+
+def test_bench_on_cityscapes_and_acdc_layouts(tmp_path: Path) -> None:
+    """Real shifted sets as domains, no synthetic corruption: Cityscapes val (one domain, labelIds mapped),
+    ACDC val (one domain per condition present), resized; mIoU against the hand-computed value."""
+    city, acdc = tmp_path / "cityscapes", tmp_path / "acdc"
+    _png_tree(city, ("leftImg8bit/val/lindau", "gtFine/val/lindau"), "leftImg8bit", "gtFine_labelIds", 26)  # car
+    for cond in ("fog", "night"):
+        _png_tree(
+            acdc, (f"rgb_anon/{cond}/val/GOPR0475", f"gt/{cond}/val/GOPR0475"), "rgb_anon", "gt_labelTrainIds", 0
+        )
+
+    class Constant(nn.Module):
+        """Predicts trainId 13 (car) everywhere: 19 classes, like a Cityscapes model."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            logits = torch.zeros(x.shape[0], 19, *x.shape[-2:]) + 0 * self.bn(x).sum()
+            logits[:, 13] = 1.0
+            return {"out": logits}
+
+    for dataset, root, names, expect in [("cityscapes", city, {"cityscapes-val"}, 100.0),
+                                          ("acdc", acdc, {"acdc-fog", "acdc-night"}, 0.0)]:  # fmt: skip
+        cfg = BenchConfig(
+            task="segmentation", dataset=dataset, data_root=str(root), image_size=(8, 12), methods=["source"],
+            batch_size=2, progress=False, shift_score=False,
+        )  # fmt: skip
+        res = run_bench(cfg, write=False, model=Constant().eval())
+        assert {r["domain"] for r in res.rows} == names
+        for r in res.rows:  # car everywhere vs car labels (IoU 1) / road labels (car IoU 0, road IoU 0)
+            assert r["miou"] == pytest.approx(expect) and r["n"] == 2
+            assert res.examples[r["domain"]]["target"].shape == (2, 8, 12)
+    with pytest.raises(ValueError, match="task='segmentation'"):
+        build_domains(BenchConfig(dataset="acdc", data_root=str(acdc)))
