@@ -77,7 +77,7 @@ def fmnist_seg_model(
 ) -> nn.Module:
     """The built-in segmentation source model: :func:`lraspp` trained on ``n_train`` Fashion-MNIST scenes made
     from the training split (:func:`adaptkit.data.scenes.fashion_scenes`), cached under the adaptkit cache
-    folder (weights-only checkpoint) after the first call (about 8 minutes on 2 CPU cores)."""
+    folder (weights-only checkpoint) after the first call (10-20 minutes on 2 CPU cores)."""
     path = cache_dir() / "models" / f"fmnist_lraspp_v1_n{n_train}_e{epochs}_px{size}_s{seed}.pt"
     model = lraspp()
     if path.is_file():
