@@ -7,7 +7,7 @@
    update on it, as in the paper) and compare with the source model and BNAdapt; the model is unchanged
    afterwards.
 
-Run: ``python examples/ocl_deeplabv3.py`` (about 10 minutes on 2 CPU cores; ``--quick`` or
+Run: ``python examples/ocl_deeplabv3.py`` (about 5 minutes on 2 CPU cores; ``--quick`` or
 ``ADAPTKIT_EXAMPLES_QUICK=1``: tiny sizes, under a minute). Without the Fashion-MNIST files (Debian package
 ``dataset-fashion-mnist``) the scenes are made of generated squares.
 """
