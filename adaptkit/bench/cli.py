@@ -68,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     """Execute ``adaptkit bench``."""
     from adaptkit.bench.runner import DEFAULT_METHODS, DEFAULT_SEG_METHODS, BenchConfig, run_bench
     from adaptkit.bench.spec import parse_sweep
+    from adaptkit.cli import CLIError
     from adaptkit.data.corruptions import CORRUPTIONS, EXTRA_CORRUPTIONS
 
     corruptions = list(CORRUPTIONS)
@@ -85,18 +86,22 @@ def run(args: argparse.Namespace) -> int:
     if "severity" in sweep:
         severities = sorted({int(v) for v in sweep["severity"]})
     seg = args.task == "segmentation"
-    cfg = BenchConfig(
-        task=args.task, model=args.model or ("fmnist_lraspp" if seg else "fmnist_resnet"), checkpoint=args.checkpoint,
-        num_classes=args.num_classes, dataset=args.dataset or ("fashion_scenes" if seg else "fashion_mnist"),
-        data_root=args.data_root, image_size=tuple(args.image_size) if args.image_size else None,
-        methods=list(args.methods or (DEFAULT_SEG_METHODS if seg else DEFAULT_METHODS)),
-        corruptions=corruptions, severities=severities, protocol=args.protocol,
-        batch_size=args.batch_size or (16 if seg else 64), n_samples=args.n_samples,
-        dirichlet=args.dirichlet, seed=args.seed, device=args.device, amp=args.amp, clean=not args.no_clean,
-        shift_score=not args.no_shift_score, sweep=sweep, source_epochs=args.source_epochs,
-        progress=not args.quiet, out_dir=args.out,
-    )  # fmt: skip
-    result = run_bench(cfg)
+    try:
+        cfg = BenchConfig(
+            task=args.task, model=args.model or ("fmnist_lraspp" if seg else "fmnist_resnet"),
+            checkpoint=args.checkpoint, num_classes=args.num_classes,
+            dataset=args.dataset or ("fashion_scenes" if seg else "fashion_mnist"),
+            data_root=args.data_root, image_size=tuple(args.image_size) if args.image_size else None,
+            methods=list(args.methods or (DEFAULT_SEG_METHODS if seg else DEFAULT_METHODS)),
+            corruptions=corruptions, severities=severities, protocol=args.protocol,
+            batch_size=args.batch_size or (16 if seg else 64), n_samples=args.n_samples,
+            dirichlet=args.dirichlet, seed=args.seed, device=args.device, amp=args.amp, clean=not args.no_clean,
+            shift_score=not args.no_shift_score, sweep=sweep, source_epochs=args.source_epochs,
+            progress=not args.quiet, out_dir=args.out,
+        )  # fmt: skip
+        result = run_bench(cfg)
+    except (ValueError, FileNotFoundError) as e:  # settings or data the user can fix: no traceback
+        raise CLIError(str(e)) from e
     assert result.out_dir is not None
     print((result.out_dir / "report.md").read_text().split("\n![")[0])
     print(f"report: {result.out_dir.resolve()}")

@@ -393,8 +393,8 @@ def run_bench(
         ['bn_adapt(N=0)', 'source']
     """
     torch.manual_seed(config.seed)
+    domains, clean = build_domains(config, data)  # first: data errors surface before a model is trained
     model = (model if model is not None else build_model(config)).to(config.device)
-    domains, clean = build_domains(config, data)
     shift: dict[str, float] = {}
     if config.shift_score and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         for d in domains:

@@ -223,3 +223,18 @@ def test_bench_on_cityscapes_and_acdc_layouts(tmp_path: Path) -> None:
             assert res.examples[r["domain"]]["target"].shape == (2, 8, 12)
     with pytest.raises(ValueError, match="task='segmentation'"):
         build_domains(BenchConfig(dataset="acdc", data_root=str(acdc)))
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--dirichlet", "0.1"], "dirichlet"),
+        (["--dataset", "cityscapes"], "--data-root"),
+        (["--dataset", "cityscapes", "--data-root", "/nonexistent/cityscapes"], "leftImg8bit"),
+    ],
+)
+def test_segmentation_cli_errors_are_messages(argv: list[str], match: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Settings or data the user can fix end with a one-line error and exit code 2, not a traceback."""
+    assert main(["bench", "--task", "segmentation", "--quiet", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("adaptkit bench: error:") and match in err and "Traceback" not in err
