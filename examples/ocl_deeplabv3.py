@@ -26,8 +26,9 @@ import torch
 from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
 
 import adaptkit
+from adaptkit.bench.models import recalibrate_bn
 from adaptkit.bench.runner import synthetic_data
-from adaptkit.bench.seg_models import recalibrate_bn, train_segmenter
+from adaptkit.bench.seg_models import train_segmenter
 from adaptkit.data.corruptions import corrupt
 from adaptkit.data.scenes import make_scenes
 from adaptkit.metrics import SegmentationMeter
@@ -67,7 +68,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=classes)
     hist = train_segmenter(model, x_train, m_train, epochs=epochs, batch_size=32, lr=5e-3, progress=not quick)
-    recalibrate_bn(model, x_train[:1024])  # MobileNetV3's BN momentum (0.01) lags a short training
+    recalibrate_bn(model, x_train[:1024].split(32))  # MobileNetV3's BN momentum (0.01) lags a short training
     print(f"trained {epochs} epochs on {n_train} scenes: loss {hist['loss'][0]:.3f} -> {hist['loss'][-1]:.3f}")
 
     # 2. shifted test data: fog, severity 5

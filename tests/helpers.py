@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.modules.module as _module_mod
 
+from adaptkit.bench.models import recalibrate_bn
+
 #: Plain-value attribute types compared by value (training, momentum, eps, track_running_stats, p, ...).
 _SCALARS = (bool, int, float, str, type(None), tuple)
 
@@ -188,15 +190,4 @@ def randomize_bn(
 def calibrate_bn(model: nn.Module, batches: Any) -> nn.Module:
     """Give a random-weight model source BN statistics that match ``batches`` (a cumulative average over them,
     in training mode, no gradients), restore each layer's momentum and return the model in eval mode."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    with torch.no_grad():
-        for x in batches:
-            model(x)
-    for m, mom in zip(bns, momenta):
-        m.momentum = mom
-    return model.eval()
+    return recalibrate_bn(model, batches)

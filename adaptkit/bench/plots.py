@@ -107,6 +107,8 @@ def _segmentation_examples(plt: Any, examples: dict[str, dict[str, Any]], path: 
     method's prediction (background black, classes in tab20 colours)."""
     from matplotlib.colors import ListedColormap
 
+    from adaptkit.data.datasets import as_unit_float
+
     names = sorted(examples, key=lambda d: (d != "clean", list(examples).index(d)))[:rows]
     methods = [k for k in examples[names[0]] if k not in ("image", "target")]
     cols = 2 + len(methods)
@@ -115,8 +117,7 @@ def _segmentation_examples(plt: Any, examples: dict[str, dict[str, Any]], path: 
     fig, axes = plt.subplots(len(names), cols, figsize=(1.7 * cols, 1.8 * len(names)), squeeze=False)
     for i, d in enumerate(names):
         ex = examples[d]
-        img = ex["image"][0].float()
-        img = img / 255.0 if ex["image"].dtype.is_floating_point is False else img
+        img = as_unit_float(ex["image"][0]).float()
         panels = [("image", img.permute(1, 2, 0).squeeze(-1).clamp(0, 1).numpy(), None)]
         panels.append(("labels", ex["target"][0].numpy(), cmap))
         panels += [(m, ex[m][0].numpy(), cmap) for m in methods if m in ex]

@@ -21,6 +21,7 @@ from adaptkit.bench.heads import needs_head, prepare_head
 from adaptkit.bench.models import _progress, cache_dir, load_model
 from adaptkit.bench.spec import MethodSpec
 from adaptkit.data.datasets import as_unit_float
+from adaptkit.data.segmentation import IGNORE_INDEX
 from adaptkit.data.streams import Domain, make_stream
 from adaptkit.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
 
@@ -28,8 +29,6 @@ DEFAULT_METHODS = ("source", "bn_adapt:N=0", "bn_adapt:N=16", "tent")
 #: default methods of ``task="segmentation"``: Tent's and OCL's learning rates (and OCL's BN prior) tuned on
 #: 5 corruptions x 320 Fashion-MNIST scenes for the built-in LR-ASPP model (docs/benchmarks.md)
 DEFAULT_SEG_METHODS = ("source", "bn_adapt:N=0", "tent:lr=1e-4", "ocl:lr=5e-4,bn_prior=0.01")
-#: label of unlabelled pixels in segmentation masks
-IGNORE_INDEX = 255
 #: images per domain kept for the segmentation report's example figure
 N_EXAMPLES = 4
 
@@ -196,7 +195,7 @@ def build_model(config: BenchConfig) -> nn.Module:
             return synthetic_seg_model(*_scenes(config, train=True), seed=config.seed)
         return fmnist_seg_model(epochs=config.source_epochs, seed=config.seed, progress=config.progress)
     if config.model in ("fmnist_resnet", "fmnist-resnet") and config.dataset == "synthetic":
-        from adaptkit.bench.models import SmallResNet, train_classifier
+        from adaptkit.bench.models import SmallResNet, save_atomic, train_classifier
 
         path = cache_dir() / "models" / f"synthetic_v2_w8_s{config.seed}.pt"
         model = SmallResNet(1, 4, width=8, mean=0.4, std=0.25)
@@ -205,8 +204,7 @@ def build_model(config: BenchConfig) -> nn.Module:
         else:
             x, y = synthetic_data(seed=config.seed)
             train_classifier(model, x, y, epochs=3, batch_size=32, lr=0.05, seed=config.seed, progress=False)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(model.state_dict(), path)
+            save_atomic(model.state_dict(), path)
         return model.eval()
     kw: dict[str, Any] = {}
     if config.model in ("fmnist_resnet", "fmnist-resnet"):

@@ -9,8 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from adaptkit.bench.models import cache_dir, fit, save_atomic
-from adaptkit.data.datasets import as_unit_float
+from adaptkit.bench.models import cache_dir, fit, recalibrate_bn, save_atomic
 from adaptkit.data.scenes import SCENE_CLASSES, fashion_scenes
 
 #: name of the built-in segmentation source model in ``adaptkit bench --task segmentation``
@@ -67,36 +66,6 @@ def train_segmenter(
     )  # fmt: skip
 
 
-def recalibrate_bn(model: nn.Module, images: torch.Tensor, batch_size: int = 32) -> nn.Module:
-    """Re-estimate every BatchNorm layer's running statistics as the exact average over ``images`` (uint8 or
-    floats in [0, 1]), keeping each layer's momentum; returns the model in eval mode.
-
-    Short trainings leave running statistics with a small momentum (0.01 in torchvision's MobileNetV3 models)
-    far from the final weights' statistics, so the eval-mode model predicts poorly; this fixes them.
-
-    Example:
-        >>> import torch
-        >>> from adaptkit.bench.seg_models import recalibrate_bn
-        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1), torch.nn.BatchNorm2d(2, momentum=0.01))
-        >>> x = torch.rand(8, 3, 4, 4)
-        >>> bn = recalibrate_bn(net, x)[1]
-        >>> torch.allclose(bn.running_mean, net[0](x).mean((0, 2, 3)), atol=1e-6), bn.momentum
-        (True, 0.01)
-    """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average
-    model.train()
-    with torch.no_grad():
-        for lo in range(0, len(images), batch_size):
-            model(as_unit_float(images[lo : lo + batch_size]))
-    for m, mom in zip(bns, momenta):
-        m.momentum = mom
-    return model.eval()
-
-
 def fmnist_seg_model(
     n_train: int = 8000,
     epochs: int = 6,
@@ -131,6 +100,6 @@ def synthetic_seg_model(images: torch.Tensor, masks: torch.Tensor, seed: int = 0
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return model.eval()
     train_segmenter(model, images, masks, epochs=4, batch_size=16, lr=3e-3, seed=seed, progress=False)
-    recalibrate_bn(model, images)
+    recalibrate_bn(model, images.split(32))
     save_atomic(model.state_dict(), path)
     return model.eval()
