@@ -39,7 +39,6 @@ from torch.utils.data import DataLoader, Dataset
 import adaptkit
 from adaptkit.bench.models import CIFAR_RESNETS, cifar_resnet
 from adaptkit.data.datasets import CIFAR10, CIFARC, subset
-from adaptkit.train import train_head
 
 PAPER_COLUMNS = ("Source", "PTBN", "TTT", "TTT++", "ClusT3", "NC-TTT")
 PAPER = {  # Table 1, severity 5, accuracy %: CIFAR-10-C file name -> PAPER_COLUMNS
@@ -79,78 +78,31 @@ class CropFlip(Dataset):
         return (x.flip(-1) if torch.rand(()) < 0.5 else x).float() / 255.0, self.targets[i]
 
 
-class Schedule:
-    """Wraps the training loader for ``train_head`` (which takes head and optimizer factories but no scheduler):
-    sets the step-decay lr before every pass and writes the checkpoint after it."""
-
-    def __init__(self, loader: DataLoader, args: argparse.Namespace, model: nn.Module, state: dict[str, Any]) -> None:
-        self.loader, self.args, self.model, self.state = loader, args, model, state
-        self.epoch: int = state.get("epoch", 0)
-        self.head: Any = None
-        self.opt: torch.optim.Optimizer | None = None
-        self.t0 = time.perf_counter()
-
-    def lr(self, epoch: int) -> float:
-        """The paper's lr x0.1 at epochs 150 and 250 of 350, scaled to ``--epochs``."""
-        milestones = [max(1, round(e * self.args.epochs / 350)) for e in (150, 250)]
-        return self.args.lr * 0.1 ** sum(epoch >= m for m in milestones)
-
-    def make_head(self, shapes: list[tuple[int, ...]]) -> adaptkit.NCTTTHead:
-        self.head = adaptkit.NCTTT.make_head(shapes, mode="flat", embed_dim=self.args.embed_dim)
-        if "head" in self.state:
-            self.head.load_state_dict(self.state["head"])
-        return self.head
-
-    def make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-        self.opt = torch.optim.SGD(params, lr=self.args.lr, momentum=0.9, weight_decay=1e-4)
-        if "optimizer" in self.state:
-            self.opt.load_state_dict(self.state["optimizer"])
-        return self.opt
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Any:
-        for group in self.opt.param_groups if self.opt is not None else []:  # no optimizer yet: shape probe
-            group["lr"] = self.lr(self.epoch)
-        yield from self.loader
-        self.epoch += 1
-        print(f"epoch {self.epoch}/{self.args.epochs} done ({time.perf_counter() - self.t0:.0f} s)", flush=True)
-        if self.args.checkpoint and self.opt is not None:
-            save = {"epoch": self.epoch, "model": self.model.state_dict(), "head": self.head.state_dict(),
-                    "binding": self.head.binding, "optimizer": self.opt.state_dict()}  # fmt: skip
-            tmp = Path(self.args.checkpoint).with_suffix(".tmp")
-            torch.save(save, tmp)
-            tmp.replace(self.args.checkpoint)
-
-
 def train(args: argparse.Namespace, model: nn.Module, dev: torch.device) -> adaptkit.NCTTTHead:
-    """Joint training of the model and the NC-TTT head (or resume / skip from ``--checkpoint``)."""
-    ckpt = Path(args.checkpoint) if args.checkpoint else None
-    state = torch.load(ckpt, map_location="cpu", weights_only=True) if ckpt is not None and ckpt.is_file() else {}
-    if state:
-        model.load_state_dict(state["model"])
-        print(f"loaded {ckpt} (epoch {state['epoch']}/{args.epochs})")
-    if state.get("epoch", 0) >= args.epochs:
-        b = state["binding"]
-        head = adaptkit.NCTTT.make_head([tuple(b["feature_shapes"][0])], mode="flat", embed_dim=args.embed_dim)
-        head.load_state_dict(state["head"])
-        head.bind(b["layers"], b["feature_shapes"], model, b["input_shape"])
-        return head
+    """Joint training of the model and the NC-TTT head; with ``--checkpoint`` it resumes after the last finished
+    epoch (or skips training when all are done): ``train_head``'s per-epoch checkpoints."""
     clean = CIFAR10(args.cifar_root, train=True)
     images, targets = subset(clean.images, clean.targets, args.limit, args.seed)
     loader = DataLoader(CropFlip(images, targets), args.batch_size, shuffle=True, num_workers=args.workers,
                         drop_last=len(targets) > args.batch_size, pin_memory=dev.type == "cuda",
                         persistent_workers=args.workers > 0)  # fmt: skip
-    sched = Schedule(loader, args, model, state)
-    torch.manual_seed(args.seed + sched.epoch)
+    milestones = [max(1, round(e * args.epochs / 350)) for e in (150, 250)]  # lr x0.1 at 150 and 250 of 350
+    if args.checkpoint and Path(args.checkpoint).is_file():
+        print(f"resuming from {args.checkpoint}")
+    torch.manual_seed(args.seed)
     t0 = time.perf_counter()
-    head = train_head(  # = adaptkit.NCTTT.train_head(..., mode="flat") that can also resume a saved head
-        model, args.layer, sched.make_head, sched, args.epochs - sched.epoch, joint=True,
-        optimizer=sched.make_optimizer, device=dev, amp=args.amp, seed=args.seed + sched.epoch,
-        progress=sys.stderr.isatty(),
+
+    def log(row: dict[str, float]) -> None:
+        print(f"epoch {int(row['epoch'])}/{args.epochs} done: loss {row['train_loss']:.4f} "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
+
+    head = adaptkit.NCTTT.train_head(
+        model, args.layer, loader, args.epochs, joint=True, lr=args.lr, weight_decay=1e-4, optimizer="sgd",
+        scheduler=lambda opt: torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1),
+        checkpoint=args.checkpoint, on_epoch=log, device=dev, amp=args.amp, seed=args.seed,
+        progress=sys.stderr.isatty(), mode="flat", embed_dim=args.embed_dim,
     )  # fmt: skip
-    print(f"trained {args.epochs - state.get('epoch', 0)} epoch(s) in {time.perf_counter() - t0:.0f} s")
+    print(f"joint training: {len(head.history)} epoch(s) done, {time.perf_counter() - t0:.0f} s in this run")
     return head
 
 

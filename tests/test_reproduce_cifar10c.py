@@ -61,11 +61,11 @@ def test_reproduce_cifar10c_end_to_end(tmp_path: Path) -> None:
     assert report["paper"]["gaussian_noise"]["NC-TTT"] == 75.30 and report["paper"]["tent_mean"] == 69.93
     assert report["config"]["limit"] == 16 and report["train_history"][0]["epoch"] == 1.0
     state = torch.load(tmp_path / "ckpt.pt", map_location="cpu", weights_only=True)
-    assert state["epoch"] == 1 and state["binding"]["layers"] == ["layer2"]
+    assert state["epoch"] == 1 and json.loads(state["signature"])["layers"] == ["layer2"] and "model" in state
 
     # a finished checkpoint skips training; the same seed and images give the same source accuracy
     res = _run(tmp_path, "--limit", "16", "--out", str(tmp_path / "again.json"), "--corruptions", "fog")
-    assert "loaded" in res.stdout and "epoch 1/1 done" not in res.stdout
+    assert "resuming from" in res.stdout and "epoch 1/1 done" not in res.stdout
     again = json.loads((tmp_path / "again.json").read_text())
     assert again["results"]["Source"]["fog"] == report["results"]["Source"]["fog"]
     assert set(again["results"]["NC-TTT"]) == {"fog", "mean"}

@@ -345,6 +345,11 @@ class AuxHeadMethod(TTAMethod):
         seed: int | None = 0,
         progress: bool = True,
         max_steps: int | None = None,
+        head_lr: float | None = None,
+        scheduler: Any = None,
+        scheduler_interval: str = "epoch",
+        checkpoint: Any = None,
+        on_epoch: Any = None,
         **head_kwargs: Any,
     ) -> AuxHead:
         """Train this method's head on ``layer`` of the source ``model`` (see :func:`adaptkit.train.train_head`;
@@ -366,6 +371,11 @@ class AuxHeadMethod(TTAMethod):
             seed=seed,
             progress=progress,
             max_steps=max_steps,
+            head_lr=head_lr,
+            scheduler=scheduler,
+            scheduler_interval=scheduler_interval,
+            checkpoint=checkpoint,
+            on_epoch=on_epoch,
         )
 
     def extra_repr(self) -> str:

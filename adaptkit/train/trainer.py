@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Callable
 
@@ -19,8 +20,10 @@ from adaptkit.core.snapshot import Snapshot
 from adaptkit.core.truncate import ForwardStopper
 from adaptkit.core.unwrap import unwrap_model
 from adaptkit.heads.base import AuxHead, feature_shape
+from adaptkit.train import checkpoint as ckpt
 
 HeadFactory = Callable[[list[tuple[int, ...]]], AuxHead]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
 
 def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -75,6 +78,11 @@ def train_head(
     seed: int | None = 0,
     progress: bool = True,
     max_steps: int | None = None,
+    head_lr: float | None = None,
+    scheduler: SchedulerFactory | None = None,
+    scheduler_interval: str = "epoch",
+    checkpoint: str | os.PathLike[str] | None = None,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> AuxHead:
     """Train an auxiliary head on the features of ``layers`` of ``model``.
 
@@ -102,6 +110,20 @@ def train_head(
         seed: seeds the head's initialisation and the auxiliary task's randomness; ``None`` for no seeding.
         progress: tqdm progress bars (when tqdm is installed).
         max_steps: stop after this many optimisation steps in total (smoke tests, quick runs).
+        head_lr: learning rate of the head's parameters (default ``lr``). In joint mode the optimizer then gets
+            two parameter groups, ``[{"params": model params}, {"params": head params, "lr": head_lr}]`` (a
+            callable ``optimizer`` receives that list): a fresh head often needs another rate than the encoder.
+        scheduler: a factory ``optimizer -> lr scheduler`` (e.g. ``lambda o: MultiStepLR(o, [150, 250])``,
+            the papers' step decay), stepped after every epoch, or after every optimisation step with
+            ``scheduler_interval="step"`` (e.g. ``OneCycleLR``).
+        scheduler_interval: ``"epoch"`` or ``"step"``.
+        checkpoint: a file written after every epoch (head, the model in joint mode, optimizer, scheduler,
+            random states, history). When it exists, training resumes after its last epoch and ends with
+            bitwise the weights of an uninterrupted run (for a loader that replays the same batches given the
+            same torch random state, e.g. a ``DataLoader`` without workers' own seeding); a finished checkpoint
+            skips training. Long joint runs (the papers' 350 epochs) survive interruptions this way.
+        on_epoch: called with each epoch's history row (``epoch``, ``train_loss``, ``val_loss``, ...) once the
+            epoch is done (and checkpointed): logging, early inspection.
 
     Returns:
         The trained head, bound to the layers and feature shapes, with ``head.history`` holding one dict per
@@ -116,6 +138,8 @@ def train_head(
     names = [resolve_layer(inner, layer) for layer in (layers if isinstance(layers, (list, tuple)) else [layers])]
     if epochs < 1:
         raise ValueError(f"train_head: epochs must be >= 1, got {epochs}")
+    if scheduler_interval not in ("epoch", "step"):
+        raise ValueError(f"train_head: scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
     home = next((p.device for p in inner.parameters()), torch.device("cpu"))
     dev = torch.device(device) if device is not None else home
     gen = None
@@ -155,16 +179,27 @@ def train_head(
         head.bind(names, shapes, inner, tuple(x0.shape[1:]))
         head.check_features([feats0[n] for n in names], "train_head")
         head.to(dev)
-        params = list(head.parameters()) + (list(inner.parameters()) if joint else [])
         if joint:
             for p in inner.parameters():
                 p.requires_grad_(True)
         rate = lr if lr is not None else (1e-2 if joint else 1e-3)
+        if not joint and head_lr is not None:
+            rate = head_lr
         spec = optimizer if optimizer is not None else ("sgd" if joint else "adam")
-        opt = build_optimizer(spec, params, rate, 0.9, weight_decay, "train_head")
+        opt = build_optimizer(spec, _param_groups(inner, head, joint, head_lr), rate, 0.9, weight_decay, "train_head")
+        sched = scheduler(opt) if scheduler is not None else None
         autocast, scaler = _amp(dev, amp)
-        steps = 0
-        for epoch in range(epochs):
+        steps, start = 0, 0
+        sig = ckpt.signature(head, names, joint)
+        saved = ckpt.load(checkpoint, sig) if checkpoint is not None else None
+        if saved is not None:
+            start, steps, history = int(saved["epoch"]), int(saved["steps"]), list(saved["history"])
+            trained = {"head": head, "model": inner if joint else None, "optimizer": opt, "scheduler": sched,
+                       "scaler": scaler}  # fmt: skip
+            ckpt.resume(saved, trained, gen)
+        for epoch in range(start, epochs):
+            if max_steps is not None and steps >= max_steps:
+                break
             head.train()
             total, count = 0.0, 0
             for batch in _progress(loader, progress, f"train_head epoch {epoch + 1}/{epochs}", _len(loader)):
@@ -180,6 +215,8 @@ def train_head(
                 else:
                     loss.backward()
                     opt.step()
+                if sched is not None and scheduler_interval == "step":
+                    sched.step()
                 if not math.isfinite(loss.item()):
                     raise FloatingPointError(f"train_head: the loss became {loss.item()} at epoch {epoch + 1}")
                 total += loss.item() * x.shape[0]
@@ -191,8 +228,14 @@ def train_head(
             if val_loader is not None:
                 row.update(_validate(model, head, stopper, names, val_loader, joint, gen, dev))
             history.append(row)
-            if max_steps is not None and steps >= max_steps:
-                break
+            if sched is not None and scheduler_interval == "epoch":
+                sched.step()
+            if checkpoint is not None:
+                trained = {"head": head, "model": inner if joint else None, "optimizer": opt, "scheduler": sched,
+                           "scaler": scaler}  # fmt: skip
+                ckpt.save(checkpoint, ckpt.capture(sig, epoch + 1, steps, history, trained, gen))
+            if on_epoch is not None:
+                on_epoch(dict(row))
         head.eval()
         if type(head).fit_end is not AuxHead.fit_end:
             inner.eval()
@@ -203,6 +246,15 @@ def train_head(
         inner.to(home)
     head.history = history
     return head.to(home)
+
+
+def _param_groups(inner: nn.Module, head: AuxHead, joint: bool, head_lr: float | None) -> list[Any]:
+    """The optimizer's parameters: the head's (and the model's in joint mode); with ``head_lr`` in joint mode,
+    two groups, the head's with its own lr."""
+    own = list(head.parameters())
+    if not joint or head_lr is None:
+        return own + (list(inner.parameters()) if joint else [])
+    return [{"params": list(inner.parameters())}, {"params": own, "lr": head_lr}]
 
 
 def _batch_loss(
