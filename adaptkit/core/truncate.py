@@ -35,6 +35,29 @@ def _first_tensor(output: Any) -> torch.Tensor | None:
     return None
 
 
+def channels_last_output(module: nn.Module, output: torch.Tensor) -> bool:
+    """Whether a 4-D layer output is laid out ``(B, H, W, C)`` (Swin-style transformer stages in torchvision and
+    timm) rather than ``(B, C, H, W)``: the module holds a ``LayerNorm`` over exactly the last dimension, which
+    is then the channel axis. A shape that cannot tell (``H == C``) counts as channels-first. ``LayerNorm2d``
+    variants (timm, ConvNeXt) normalise channels-first maps and do not count.
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> from adaptkit.core.truncate import channels_last_output
+        >>> stage = nn.Sequential(nn.Linear(96, 96), nn.LayerNorm(96))
+        >>> nhwc, nchw = torch.zeros(2, 14, 14, 96), torch.zeros(2, 96, 7, 7)
+        >>> channels_last_output(stage, nhwc), channels_last_output(stage, nchw)
+        (True, False)
+    """
+    if output.dim() != 4 or output.shape[-1] == output.shape[1]:
+        return False
+    last = int(output.shape[-1])
+    return any(
+        isinstance(m, nn.LayerNorm) and tuple(m.normalized_shape) == (last,) and "2d" not in type(m).__name__.lower()
+        for m in module.modules()
+    )
+
+
 class ForwardStopper:
     """Captures the outputs of ``layers`` and, when armed, stops the forward right after the last of them.
 
@@ -42,6 +65,10 @@ class ForwardStopper:
     output, so the layer order in the model's ``forward`` does not have to match the order given. When not
     armed the hooks only capture (a full forward, e.g. for the final prediction, still fills
     :attr:`last_outputs`).
+
+    Outputs come back channels-first: a channels-last ``(B, H, W, C)`` stage output (see
+    :func:`channels_last_output`) is returned as a ``(B, C, H, W)`` view, so heads see channels on axis 1 on
+    every architecture. The model's own forward is not affected.
 
     Args:
         modules: ``{qualified_name: module}`` to capture, in any order.
@@ -64,8 +91,10 @@ class ForwardStopper:
             raise ValueError("ForwardStopper needs at least one module to stop at")
         self.names = list(modules)
         self._local = threading.local()
+        #: per tapped layer, whether its output is channels-last (decided on its first output)
+        self.channels_last: dict[str, bool] = {}
         for name, module in modules.items():
-            hooks.forward(module, self._make_hook(name))
+            hooks.forward(module, self._make_hook(name, module))
 
     def _state(self) -> dict[str, Any]:
         st = getattr(self._local, "state", None)
@@ -73,7 +102,7 @@ class ForwardStopper:
             st = self._local.state = {"armed": False, "outputs": {}}
         return st
 
-    def _make_hook(self, name: str) -> Any:
+    def _make_hook(self, name: str, tapped: nn.Module) -> Any:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             st = self._state()
             out = _first_tensor(output)
@@ -82,6 +111,11 @@ class ForwardStopper:
                     f"adaptkit: layer {name!r} returned {type(output).__name__}, not a tensor; tap a module whose "
                     "output is a feature map (see adaptkit.list_layers(model))"
                 )
+            last = self.channels_last.get(name)
+            if last is None:
+                last = self.channels_last[name] = channels_last_output(tapped, out)
+            if last:
+                out = out.permute(0, 3, 1, 2)
             if name not in st["outputs"]:  # a module called twice: keep its first output
                 st["outputs"][name] = out
             if st["armed"] and len(st["outputs"]) == len(self.names):
