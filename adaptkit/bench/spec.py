@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
+_LAYER_PART = re.compile(r"^(\d+|[A-Za-z_][\w.]*)$")
+
 
 def parse_value(text: str) -> Any:
-    """``"16"`` -> 16, ``"0.5"`` -> 0.5, ``"inf"`` -> inf, ``"true"`` -> True, otherwise the string.
+    """``"16"`` -> 16, ``"0.5"`` -> 0.5, ``"inf"`` -> inf, ``"true"`` -> True, ``"1+2"`` -> ``[1, 2]`` (several
+    layers, e.g. ``clust3:layer=1+2``), otherwise the string.
 
     Example:
         >>> from adaptkit.bench.spec import parse_value
         >>> parse_value("16"), parse_value("1e-3"), parse_value("inf"), parse_value("true"), parse_value("sgd")
         (16, 0.001, inf, True, 'sgd')
+        >>> parse_value("1+2"), parse_value("layer1+layer2.0"), parse_value("1e+3")
+        ([1, 2], ['layer1', 'layer2.0'], 1000.0)
     """
+    parts = [t.strip() for t in text.split("+")]
+    if len(parts) > 1 and all(_LAYER_PART.match(t) for t in parts):
+        return [parse_value(t) for t in parts]
     low = text.strip().lower()
     if low in ("true", "false"):
         return low == "true"
@@ -67,6 +76,8 @@ class MethodSpec:
 
 
 def _fmt(v: Any) -> str:
+    if isinstance(v, list):
+        return "+".join(_fmt(x) for x in v)
     if isinstance(v, float) and math.isinf(v):
         return "inf"
     if isinstance(v, float) and v.is_integer():

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch.nn as nn
 
+import adaptkit
 from adaptkit.bench.report import summarize
 from adaptkit.bench.spec import MethodSpec, parse_sweep, parse_value
 from adaptkit.cli import main
@@ -144,3 +145,19 @@ def test_bench_trains_caches_and_loads_aux_heads(tmp_path: Path) -> None:
     assert run_bench(by_path, write=False).rows[0]["accuracy"] == acc[next(k for k in acc if k != "source")]
     with pytest.raises(ValueError, match="needs a trained head"):
         prepare_head(nn.Linear(2, 2), MethodSpec.parse("ncttt"), None, None, "m", 0, "cpu", False)
+
+
+def test_bench_multi_layer_head_spec() -> None:
+    """``layer=1+2`` gives a method (and its head) several layers, as ClusT3's paper configuration needs."""
+    from adaptkit.bench import BenchConfig, run_bench
+
+    assert MethodSpec.parse("clust3:layer=1+2").overrides == {"layer": [1, 2]}
+    assert MethodSpec.parse("clust3:layer=1+2").label == "clust3(layer=1+2)"
+    spec = "clust3:layer=1+2,steps=1,head.epochs=1,head.n=64,head.num_projectors=2"
+    cfg = BenchConfig(dataset="synthetic", corruptions=["gaussian_noise"], severities=[5], methods=[spec],
+                      batch_size=32, n_samples=64, progress=False, clean=False)  # fmt: skip
+    rows = run_bench(cfg, write=False).rows
+    assert [r["method"] for r in rows] == ["clust3(layer=1+2,steps=1,head.epochs=1,head.n=64,head.num_projectors=2)"]
+    assert 0.0 <= rows[0]["accuracy"] <= 100.0
+    (cached,) = (Path(os.environ["ADAPTKIT_CACHE"]) / "heads").glob("clust3_*.pt")
+    assert adaptkit.ClusT3Head.load(cached).binding["layers"] == ["layer1", "layer2"]
