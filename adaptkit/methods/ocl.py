@@ -45,7 +45,9 @@ class OCL(TTAMethod):
         restore_prob: per-element, per-step probability of resetting an adapted value to the source (0.01).
         bn_prior: weight ``pi`` of the source statistics in every BatchNorm layer, independent of the batch size
             (OCL's README runs: 0.85). ``0`` (or ``None``) keeps plain eval-mode BatchNorm with the source
-            statistics, as OCL's ``--prior 0`` does; ``1`` is the same as ``0`` in effect.
+            statistics, as OCL's ``--prior 0`` does; ``1`` is the same as ``0`` in effect. ``"batch"``: the
+            two-view batch's statistics alone (weight 0 on the source), what ``0`` would mean if read as a
+            mixing weight.
         episodic: reset before every batch (default ``False``: continual, as OCL).
         seed: seed of the restoration masks' generators (one per device, re-seeded on :meth:`reset`; on CUDA,
             bitwise replay also needs ``torch.use_deterministic_algorithms(True)``).
@@ -83,7 +85,7 @@ class OCL(TTAMethod):
         lambda_pos: float = 3.0,
         lambda_neg: float = 1.0,
         restore_prob: float = 0.01,
-        bn_prior: float | None = 0.85,
+        bn_prior: float | str | None = 0.85,
         episodic: bool = False,
         seed: int = 0,
         *,
@@ -101,9 +103,14 @@ class OCL(TTAMethod):
             raise ValueError(f"OCL: steps must be a positive integer, got {steps}")
         if not 0.0 <= restore_prob <= 1.0:
             raise ValueError(f"OCL: restore_prob must be in [0, 1], got {restore_prob}")
-        prior = 0.0 if bn_prior is None else float(bn_prior)
+        self._batch_bn = isinstance(bn_prior, str) and bn_prior.lower() == "batch"
+        if isinstance(bn_prior, str) and not self._batch_bn:
+            raise ValueError(f"OCL: bn_prior must be a number in [0, 1], None or 'batch'; got {bn_prior!r}")
+        prior = 0.0 if bn_prior is None or self._batch_bn else float(bn_prior)
         if math.isnan(prior) or not 0.0 <= prior <= 1.0:
-            raise ValueError(f"OCL: bn_prior is the weight of the source statistics, in [0, 1]; got {bn_prior}")
+            raise ValueError(
+                f"OCL: bn_prior is the weight of the source statistics, in [0, 1] (or 'batch'); got {bn_prior}"
+            )
         if int(stride) != stride or stride < 1:
             raise ValueError(f"OCL: stride must be a positive integer, got {stride}")
         if params not in _PARAM_SETS:
@@ -158,7 +165,7 @@ class OCL(TTAMethod):
             )
         self._params = params
         self._bn = {}
-        if self.bn_prior > 0:
+        if self.bn_prior > 0 or self._batch_bn:
             self._bn = {
                 n: m
                 for n, m in inner.named_modules()
@@ -263,5 +270,6 @@ class OCL(TTAMethod):
     def extra_repr(self) -> str:
         return (
             f"lr={self.lr}, lambda_pos={self.lambda_pos}, lambda_neg={self.lambda_neg}, "
-            f"restore_prob={self.restore_prob}, bn_prior={self.bn_prior}, " + super().extra_repr()
+            f"restore_prob={self.restore_prob}, bn_prior={'batch' if self._batch_bn else self.bn_prior}, "
+            + super().extra_repr()
         )

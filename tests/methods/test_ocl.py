@@ -230,13 +230,15 @@ def test_prediction_modes_and_flip_average() -> None:
     mean.restore()
 
 
-def test_bn_prior_rule() -> None:
-    """BN normalises with pi * source + (1 - pi) * two-view batch statistics (unbiased var); buffers untouched."""
-    pi = 0.7
+@pytest.mark.parametrize("prior", [0.7, "batch"])
+def test_bn_prior_rule(prior: float | str) -> None:
+    """BN normalises with pi * source + (1 - pi) * two-view batch statistics (unbiased var); buffers untouched.
+    ``"batch"`` is pi = 0 (batch statistics alone), unlike the number 0 (plain eval BN)."""
+    pi = 0.0 if prior == "batch" else float(prior)
     model = tiny()
     x = batch(4)
     buffers = {k: v.clone() for k, v in model.named_buffers()}
-    w = OCL(model, lr=0.0, weight_decay=0.0, bn_prior=pi, prediction="first", restore_prob=0.0)
+    w = OCL(model, lr=0.0, weight_decay=0.0, bn_prior=prior, prediction="first", restore_prob=0.0)
     out = w(x)
     with torch.no_grad():
         h = model.conv(torch.cat([x, x.flip(-1)]))
@@ -375,7 +377,9 @@ def test_selection_options_and_errors() -> None:
     assert_model_unchanged(model, snap)
     with pytest.raises(ValueError, match="list_layers"):
         OCL(model, include=["no_such_layer"])
-    for bad in [dict(lr=-1.0), dict(restore_prob=1.5), dict(bn_prior=2.0), dict(stride=0), dict(params="x")]:
+    bads = [dict(lr=-1.0), dict(restore_prob=1.5), dict(bn_prior=2.0), dict(bn_prior="source"), dict(stride=0),
+            dict(params="x")]  # fmt: skip
+    for bad in bads:
         with pytest.raises(ValueError):
             OCL(model, **bad)  # type: ignore[arg-type]
     frozen = tiny()
