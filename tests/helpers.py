@@ -191,3 +191,13 @@ def calibrate_bn(model: nn.Module, batches: Any) -> nn.Module:
     """Give a random-weight model source BN statistics that match ``batches`` (a cumulative average over them,
     in training mode, no gradients), restore each layer's momentum and return the model in eval mode."""
     return recalibrate_bn(model, batches)
+
+
+def small_dropout_cnn(classes: int = 3) -> nn.Module:
+    """A seeded 3-channel CNN with BatchNorm and Dropout (head-training tests: joint mode draws dropout masks)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.3),
+        nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, classes),
+    )  # fmt: skip

@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
-from helpers import assert_model_unchanged, snapshot_model
+from helpers import assert_model_unchanged, small_dropout_cnn, snapshot_model
 
 import adaptkit
 from adaptkit import NCTTT, NCTTTHead
 from adaptkit.train import split_batch, train_head
 
-
-def small_cnn() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.3),
-        nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
-    )  # fmt: skip
+small_cnn = small_dropout_cnn
 
 
 def data(n: int = 4, labels: bool = True) -> list:

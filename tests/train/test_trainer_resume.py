@@ -9,18 +9,12 @@ from typing import Any
 import pytest
 import torch
 import torch.nn as nn
+from helpers import small_dropout_cnn
 
 from adaptkit import NCTTTHead, RotationHead
 from adaptkit.train import train_head
 
-
-def small_cnn() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.3),
-        nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
-    )  # fmt: skip
+small_cnn = small_dropout_cnn
 
 
 def data(n: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
