@@ -191,11 +191,11 @@ def train_head(
         autocast, scaler = _amp(dev, amp)
         steps, start = 0, 0
         sig = ckpt.signature(head, names, joint)
+        model_state = inner if joint else None  # what a checkpoint stores:
+        trained = {"head": head, "model": model_state, "optimizer": opt, "scheduler": sched, "scaler": scaler}
         saved = ckpt.load(checkpoint, sig) if checkpoint is not None else None
         if saved is not None:
             start, steps, history = int(saved["epoch"]), int(saved["steps"]), list(saved["history"])
-            trained = {"head": head, "model": inner if joint else None, "optimizer": opt, "scheduler": sched,
-                       "scaler": scaler}  # fmt: skip
             ckpt.resume(saved, trained, gen)
         for epoch in range(start, epochs):
             if max_steps is not None and steps >= max_steps:
@@ -231,8 +231,6 @@ def train_head(
             if sched is not None and scheduler_interval == "epoch":
                 sched.step()
             if checkpoint is not None:
-                trained = {"head": head, "model": inner if joint else None, "optimizer": opt, "scheduler": sched,
-                           "scaler": scaler}  # fmt: skip
                 ckpt.save(checkpoint, ckpt.capture(sig, epoch + 1, steps, history, trained, gen))
             if on_epoch is not None:
                 on_epoch(dict(row))
