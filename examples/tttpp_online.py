@@ -110,7 +110,9 @@ def main() -> None:
     # 3. test side: online adaptation on a shifted stream
     stream = [shift(images(32, gen), gen) for _ in range(4 if quick else 8)]
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with TTTPlusPlus(model, head=head) as m:  # SGD lr 0.01 momentum 0.9, 1 step per batch, online
+    # SGD momentum 0.9, 1 step per batch, online; lr 1e-4 because the head was trained on a frozen encoder (the
+    # released 0.01 is for an encoder trained jointly with the head, and warns here)
+    with TTTPlusPlus(model, head=head, lr=1e-4) as m:
         for i, x in enumerate(stream):
             logits = m(x)  # adapts on x, then predicts x in eval mode with the updated encoder
             rows = len(m._queues[0])  # past clean-batch features kept for the target moments

@@ -177,6 +177,7 @@ def train_head(
         if head.num_layers is not None and head.num_layers != len(names):
             raise ValueError(f"train_head: {type(head).__name__} takes {head.num_layers} layer(s), got {names}")
         head.bind(names, shapes, inner, tuple(x0.shape[1:]))
+        head.binding["joint"] = bool(joint)  # how the encoder relates to the head (methods advise on it)
         head.check_features([feats0[n] for n in names], "train_head")
         head.to(dev)
         if joint:

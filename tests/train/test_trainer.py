@@ -25,7 +25,7 @@ def test_frozen_mode_leaves_the_model_exactly_as_it_was() -> None:
     head = train_head(model, "2", lambda shapes: NCTTTHead(shapes[0][0]), data(), epochs=2, progress=False)
     assert_model_unchanged(model, snap)
     assert head.binding == {"layers": ["2"], "feature_shapes": [[8, 16, 16]], "input_shape": [3, 16, 16],
-                            "model": "Sequential"}  # fmt: skip
+                            "model": "Sequential", "joint": False}  # fmt: skip
     assert len(head.history) == 2 and not head.training
 
 
