@@ -106,7 +106,8 @@ def stage_names(model: nn.Module) -> list[str]:
     Resolution order: timm ``feature_info``; a ``backbone`` child (torchvision FCN / DeepLabV3 / LR-ASPP and
     other encoder-decoder nets): the backbone's stages, found by these same rules and prefixed ``backbone.``, so
     ``layer=1`` on ``fcn_resnet50`` is ``backbone.layer1`` as on ``resnet50`` and the decoder heads are never
-    stages; ``layer1..layerK`` children (torchvision ResNet family; entry 0 is the stem, so ``layer=1`` is
+    stages; likewise a ``body`` child (torchvision detection backbones with an FPN: ``backbone.body.layer1``);
+    ``layer1..layerK`` children (torchvision ResNet family; entry 0 is the stem, so ``layer=1`` is
     ``layer1``); a ``features`` (or ``layers``) sequence (torchvision MobileNet, EfficientNet, DenseNet, VGG,
     ConvNeXt, MNASNet, ...); ``trunk_output`` blocks (RegNet, entry 0 the stem); ``encoder.layers`` (torchvision
     ViT); otherwise the model's top-level children that hold parameters, minus a final classifier.
@@ -125,11 +126,12 @@ def stage_names(model: nn.Module) -> list[str]:
     if fi is not None:
         return fi
     children = dict(model.named_children())
-    backbone = children.get("backbone")
-    if isinstance(backbone, nn.Module):  # encoder-decoder: the encoder's stages (a decoder head is no stage)
-        inner = stage_names(backbone)
-        if inner:
-            return [f"backbone.{n}" for n in inner]
+    for wrapper in ("backbone", "body"):  # encoder-decoder (a decoder head is no stage); FPN backbones' body
+        sub = children.get(wrapper)
+        if isinstance(sub, nn.Module):
+            inner = stage_names(sub)
+            if inner:
+                return [f"{wrapper}.{n}" for n in inner]
     blocks = _numbered_blocks(model)
     if blocks:
         return blocks

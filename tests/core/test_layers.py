@@ -328,3 +328,13 @@ def test_mnasnet_layers_sequence_gives_stages() -> None:
 
     m = torchvision.models.mnasnet0_5()
     assert resolve_layer(m, 3) == "layers.3"
+
+
+def test_detection_fpn_backbones_expose_their_body_stages() -> None:
+    """torchvision detectors: ``backbone`` is an FPN wrapper whose ``body`` holds the classifier's stages."""
+    det = torchvision.models.detection
+    rcnn = det.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3)
+    assert stage_names(rcnn) == [f"backbone.body.{n}" for n in ("maxpool", "layer1", "layer2", "layer3", "layer4")]
+    assert resolve_layer(rcnn, 1) == "backbone.body.layer1"  # was "backbone.fpn" (2 stages: body, fpn)
+    mobile = det.fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None, num_classes=3)
+    assert stage_names(mobile)[:2] == ["backbone.body.0", "backbone.body.1"]
