@@ -96,9 +96,9 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
 }
 #: models without any BatchNorm layer (asserted when the model is built)
 BN_FREE = {"timm_test_convnext", "timm_test_vit"}
-#: models whose full contract only runs with --runslow (35 M parameters: ~1 s per test on 2 CPU cores); by
-#: default they run the tests marked @everywhere, for every method
-SLOW_MODELS = {"seg_fcn_resnet50"}
+#: models whose full contract only runs with --runslow (FCN-ResNet-50, 35 M parameters; DenseNet-121, ~0.9 s per
+#: test: 77 s of the default run for 91 tests); by default they run the tests marked @everywhere, for every method
+SLOW_MODELS = {"seg_fcn_resnet50", "tv_densenet121"}
 METHODS = adaptkit.list_methods()
 
 #: methods that adapt BatchNorm statistics and so refuse models without BatchNorm layers (ValueError)
