@@ -27,6 +27,10 @@ from adaptkit.functional.tttpp import coral_loss, feature_moments, mean_discrepa
 from adaptkit.heads.tttpp import FeatureQueue, TTTPPHead
 from adaptkit.methods.tttpp import TTTPlusPlus
 
+# these tests pin the released lr 0.01 on frozen-backbone heads on purpose (reference loop, mechanics); the
+# warning that combination raises is tested in test_tttpp_frozen_warning.py
+pytestmark = pytest.mark.filterwarnings("ignore:.*trained on a frozen backbone:UserWarning")
+
 SIZE = 16
 B = 4
 
