@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from adaptkit.heads.base import AuxHead
+
 FORMAT = "adaptkit-train-checkpoint-v1"
 
 
@@ -33,12 +35,11 @@ def _like(loaded: Any, fresh: Any) -> Any:
     return loaded
 
 
-def signature(head: torch.nn.Module, names: list[str], joint: bool) -> str:
+def signature(head: AuxHead, names: list[str], joint: bool) -> str:
     """What a checkpoint must match to be resumed: head class and config, layers, joint or frozen."""
-    config = getattr(head, "config", None)
     return json.dumps(
-        {"head": type(head).__name__, "config": config() if callable(config) else None, "layers": names,
-         "joint": joint}, sort_keys=True, default=str,
+        {"head": type(head).__name__, "config": head.config, "layers": names, "joint": joint},
+        sort_keys=True, default=str,
     )  # fmt: skip
 
 

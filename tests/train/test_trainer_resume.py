@@ -137,6 +137,9 @@ def test_checkpoint_of_another_run_is_refused(tmp_path: Path) -> None:
                    progress=False)  # fmt: skip
     with pytest.raises(ValueError, match="another run"):
         train_head(small_cnn().eval(), "1", nc_head, data(), 1, checkpoint=path, progress=False)
+    with pytest.raises(ValueError, match="another run"):  # same class, layer and weight shapes; other noise level
+        train_head(small_cnn().eval(), "4", lambda s: NCTTTHead(s[0][0], embed_dim=16, sigma=0.05), data(), 1,
+                   checkpoint=path, progress=False)  # fmt: skip
     other = tmp_path / "weights.pt"
     torch.save({"w": torch.zeros(1)}, other)
     with pytest.raises(ValueError, match="not an adaptkit training checkpoint"):
