@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from adaptkit.bench.models import SmallResNet, _progress
+from adaptkit.bench.models import SmallResNet, _progress, shift_flip
 from adaptkit.core.hooks import HookManager
 from adaptkit.core.truncate import ForwardStopper
 from adaptkit.data.datasets import FashionMNIST, as_unit_float
@@ -67,12 +67,7 @@ def main() -> None:
         ce_sum, aux_sum, count = 0.0, 0.0, 0
         for lo in _progress(range(0, n, bs), (n + bs - 1) // bs, f"joint {ep + 1}/{args.epochs}", True):
             idx = perm[lo : lo + bs]
-            x, y = as_unit_float(train.images[idx]), train.targets[idx]
-            pad = F.pad(x, (2, 2, 2, 2), mode="replicate")
-            i, j = torch.randint(0, 5, (2,), generator=gen).tolist()
-            x = pad[..., i : i + 28, j : j + 28]
-            if torch.rand((), generator=gen) < 0.5:
-                x = x.flip(-1)
+            x, y = shift_flip(as_unit_float(train.images[idx]), gen), train.targets[idx]
             out, got = stop.capture(model, x)
             ce = F.cross_entropy(out, y)
             aux = head.train_loss([got[layer]], None, gen)

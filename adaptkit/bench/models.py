@@ -263,14 +263,18 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Modu
     return model.eval()
 
 
-def _classifier_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Cross-entropy after a random 2-pixel shift (replicate padding) and a random horizontal flip."""
+def shift_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """The built-in classifiers' training augmentation: one random shift of up to 2 pixels (replicate padding)
+    and a horizontal flip with probability 1/2, drawn from ``gen`` for the whole batch."""
     pad = F.pad(x, (2, 2, 2, 2), mode="replicate")
     i, j = torch.randint(0, 5, (2,), generator=gen).tolist()
     x = pad[..., i : i + x.shape[-2], j : j + x.shape[-1]]
-    if torch.rand((), generator=gen) < 0.5:
-        x = x.flip(-1)
-    return F.cross_entropy(model(x), y)
+    return x.flip(-1) if torch.rand((), generator=gen) < 0.5 else x
+
+
+def _classifier_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Cross-entropy after :func:`shift_flip`."""
+    return F.cross_entropy(model(shift_flip(x, gen)), y)
 
 
 def train_classifier(
