@@ -30,6 +30,7 @@ from adaptkit.bench.models import recalibrate_bn
 from adaptkit.bench.runner import synthetic_data
 from adaptkit.bench.seg_models import train_segmenter
 from adaptkit.data.corruptions import corrupt
+from adaptkit.data.datasets import as_unit_float
 from adaptkit.data.scenes import make_scenes
 from adaptkit.metrics import SegmentationMeter
 
@@ -74,11 +75,12 @@ def main() -> None:
     # 2. shifted test data: fog, severity 5
     test_items, test_labels = items(False, quick)
     x_test, m_test = make_scenes(test_items, test_labels, n_test, size=size, seed=1)
-    foggy = corrupt(x_test.float() / 255, "fog", severity=5, generator=0)
+    x_test = as_unit_float(x_test)
+    foggy = corrupt(x_test, "fog", severity=5, generator=0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         src = miou(model, foggy, m_test, classes, bs=16)
-        clean = miou(model, x_test.float() / 255, m_test, classes, bs=16)
+        clean = miou(model, x_test, m_test, classes, bs=16)
 
     # 3. BNAdapt, then OCL (online: continual over the stream, predict-then-update on each batch)
     with adaptkit.BNAdapt(model, N=0) as bn:

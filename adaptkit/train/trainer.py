@@ -192,8 +192,8 @@ def train_head(
         autocast, scaler = _amp(dev, amp)
         steps, start = 0, 0
         sig = ckpt.signature(head, names, joint)
-        model_state = inner if joint else None  # what a checkpoint stores:
-        trained = {"head": head, "model": model_state, "optimizer": opt, "scheduler": sched, "scaler": scaler}
+        joint_model = inner if joint else None  # a frozen model is not stored: it does not change
+        trained = {"head": head, "model": joint_model, "optimizer": opt, "scheduler": sched, "scaler": scaler}
         saved = ckpt.load(checkpoint, sig) if checkpoint is not None else None
         if saved is not None:
             start, steps, history = int(saved["epoch"]), int(saved["steps"]), list(saved["history"])
