@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from adaptkit._version import __version__
-from adaptkit.core.check import check_batch
+from adaptkit.core.check import InputGuard, check_batch
 from adaptkit.core.hooks import HookManager
 from adaptkit.core.snapshot import Snapshot
 from adaptkit.core.unwrap import is_compiled, unwrap_model
@@ -48,6 +48,30 @@ def get_logits(output: Any) -> torch.Tensor:
     )
 
 
+def add_note(exc: BaseException, note: str) -> None:
+    """Attach ``note`` to ``exc`` without rebuilding it (``BaseException.add_note`` on Python 3.11+; on older
+    versions the note is stored in ``__notes__``, where 3.11+ tracebacks and ``exceptiongroup`` show it). The
+    exception keeps its type, arguments and identity, so callers still catch exactly what their code raised.
+
+    Example:
+        >>> from adaptkit.core.base import add_note
+        >>> e = KeyError("k")
+        >>> add_note(e, "while adapting"); e.__notes__, type(e).__name__
+        (['while adapting'], 'KeyError')
+    """
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+        return
+    notes = getattr(exc, "__notes__", None)
+    if not isinstance(notes, list):
+        notes = []
+        try:
+            exc.__notes__ = notes  # type: ignore[attr-defined]
+        except (AttributeError, TypeError):  # an exception class with __slots__: leave it as it is
+            return
+    notes.append(note)
+
+
 def _detach(output: Any) -> Any:
     if isinstance(output, torch.Tensor):
         return output.detach()
@@ -78,7 +102,9 @@ class TTAMethod(nn.Module):
         model: any ``nn.Module`` (DataParallel / DDP / ``torch.compile`` results are unwrapped for selection
             and still called as given).
         episodic: reset before every batch; ``None`` takes the method's default.
-        check_inputs: validate each batch (non-empty, finite) before adapting.
+        check_inputs: validate each batch before adapting: non-empty, finite, floating point, on the model's device,
+            and of the rank and channel count of the model's convolutional stem (see
+            :class:`~adaptkit.core.check.InputGuard`). Every check raises before the model runs on the batch.
     """
 
     name: ClassVar[str] = ""
@@ -112,6 +138,7 @@ class TTAMethod(nn.Module):
         self.check_inputs = check_inputs
         self.steps = int(getattr(self, "steps", 1))
         self.hooks = HookManager()
+        self._guard_hooks = HookManager()  # the input guard's stem watch (removed once the stem is confirmed)
         self.optimizer: torch.optim.Optimizer | None = None
         self._restored = False
         self._warned: set[str] = set()
@@ -173,8 +200,12 @@ class TTAMethod(nn.Module):
     def _configure(self) -> None:
         inner = self.inner
         self._snapshot = Snapshot(inner, self._snapshot_names(), self.targeted_modules)
+        # the user's .grad tensors are put aside (never written) and handed back by restore(): a backward while
+        # wrapped would otherwise accumulate into them, and the first update would use old + new gradients
         self._grads = {n: p.grad for n, p in self._named_trainable().items()}
         try:
+            for p in self._named_trainable().values():
+                p.grad = None
             trainable = {id(p) for p in self.trainable_parameters()}
             for p in inner.parameters():
                 p.requires_grad_(id(p) in trainable)
@@ -182,10 +213,14 @@ class TTAMethod(nn.Module):
             self._modes = [(m, n in training) for n, m in inner.named_modules()]
             self._assert_modes()
             self.configure()
+            self._guard = InputGuard(inner, self._who(), data_parallel=isinstance(self.model, nn.DataParallel))
+            self._guard.watch(self._guard_hooks)
             setattr(inner, _TAG, self.name or type(self).__name__)
         except BaseException:
             self.hooks.remove_all()
+            self._guard_hooks.remove_all()
             self._snapshot.restore()
+            self._give_back_grads()
             if hasattr(inner, _TAG):
                 delattr(inner, _TAG)
             raise
@@ -208,6 +243,9 @@ class TTAMethod(nn.Module):
         self._check_alive()
         if self.check_inputs:
             check_batch(x, self._who())
+            self._guard.check(x)
+            if self._guard.confirmed and len(self._guard_hooks):
+                self._guard_hooks.remove_all()
         if self.uses_grad and torch.is_inference_mode_enabled():
             if not isinstance(x, torch.Tensor):
                 raise RuntimeError(
@@ -222,6 +260,8 @@ class TTAMethod(nn.Module):
         if self.episodic:
             self.reset()
         self._assert_modes()
+        if self.check_inputs:
+            self._guard.arm(x)
         last = None
         try:
             with torch.enable_grad() if self.uses_grad else torch.no_grad():
@@ -229,21 +269,27 @@ class TTAMethod(nn.Module):
                     last = self.adapt_step(x)
             with torch.no_grad():
                 out = self.predict(x, last)
-        except (RuntimeError, ValueError) as e:
-            raise self._explain(e, x) from e
+        except Exception as e:
+            add_note(e, self._explain(e, x))
+            raise  # the very exception the model raised: same type, same object, same traceback
         finally:
             self._zero_grad()
         return _detach(out)
 
-    def _explain(self, e: Exception, x: Any) -> Exception:
+    def _explain(self, e: BaseException, x: Any) -> str:
+        """A note for an exception raised while adapting (attached to it, never replacing it)."""
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        msg = f"{self._who()}: adapting on an input of shape {shape} failed: {e}"
+        msg = f"{self._who()}: raised while adapting on an input of shape {shape}"
         if "more than 1 value per channel" in str(e):
             msg += " (batch statistics need more than one value per channel: use a larger batch"
             msg += ", or BNAdapt with N > 0 for batch size 1)"
         elif isinstance(x, torch.Tensor) and x.dim() == 3:
             msg += " (a single image? add the batch dimension with x.unsqueeze(0))"
-        return type(e)(msg)
+        return msg
+
+    def _give_back_grads(self) -> None:
+        for n, p in self._named_trainable().items():
+            p.grad = self._grads.get(n)
 
     def _zero_grad(self) -> None:
         for p in self.trainable_parameters():
@@ -279,10 +325,10 @@ class TTAMethod(nn.Module):
         self._restored = True
         try:
             self.hooks.remove_all()
+            self._guard_hooks.remove_all()
         finally:
             self._snapshot.restore()
-            for n, p in self._named_trainable().items():
-                p.grad = self._grads.get(n)
+            self._give_back_grads()
             if self.optimizer is not None:
                 self.optimizer.state.clear()
             self.optimizer = None

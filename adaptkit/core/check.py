@@ -42,3 +42,102 @@ def check_batch(x: Any, who: str, finite: bool = True) -> None:
             f"{who}: the input batch contains NaN or Inf values; clean or drop those samples first "
             "(e.g. torch.nan_to_num) - adapting on them would corrupt the model",
         )
+
+
+_INT_HINT = (
+    "convert it to a floating tensor in the range the model was trained on first, e.g. x.float() / 255 followed "
+    "by the model's normalisation (torchvision.transforms.v2.ToDtype(torch.float32, scale=True))"
+)
+
+
+class InputGuard:
+    """Checks a test batch against what the model can take, before the model sees it, with messages that say
+    what to do. Built once per wrapper from the unwrapped model:
+
+    * **dtype**: integer / bool images are refused (``TypeError``), unless the model holds an embedding layer
+      (token inputs);
+    * **device**: a model whose parameters all live on one device refuses a batch on another (``ValueError``);
+      skipped for ``nn.DataParallel``, which scatters its input itself;
+    * **rank and channels**: when the model's first parameterised module (in registration order) is a
+      convolution, it is watched on the first batches; once it is seen to receive the batch tensor itself
+      (``inputs[0] is x``: it is the model's stem), every batch is checked up front against its rank
+      (``N + 2`` for ``ConvNd``) and ``in_channels``. Until then the watch raises the same error from inside
+      the stem, before any layer has run on the batch.
+
+    Args:
+        model: the unwrapped model.
+        who: the wrapper's name, for the messages.
+        data_parallel: the wrapped model is an ``nn.DataParallel`` (no device check, no stem watch).
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> from adaptkit.core.check import InputGuard
+        >>> guard = InputGuard(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), "demo")
+        >>> guard.check(torch.zeros(2, 3, 8, 8))
+        >>> try:
+        ...     guard.check(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
+        ... except TypeError as e:
+        ...     print(str(e)[:44])
+        demo: got a batch of dtype torch.uint8 images
+    """
+
+    def __init__(self, model: torch.nn.Module, who: str, data_parallel: bool = False) -> None:
+        import torch.nn as nn
+
+        self.who = who
+        self.allow_int = any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in model.modules())
+        devices = {p.device for p in model.parameters()} | {b.device for b in model.buffers()}
+        self.device = next(iter(devices)) if len(devices) == 1 and not data_parallel else None
+        self.stem: nn.Module | None = None
+        self.rank = self.channels = 0
+        self.confirmed = False
+        self._pending: Any = None
+        if not data_parallel:
+            first = next((m for m in model.modules() if any(True for _ in m.parameters(recurse=False))), None)
+            if isinstance(first, nn.modules.conv._ConvNd) and not isinstance(first, nn.modules.lazy.LazyModuleMixin):
+                self.stem = first
+                self.rank = len(first.kernel_size) + 2
+                self.channels = int(first.in_channels)
+
+    def check(self, x: Any) -> None:
+        """Raise before the model runs if ``x`` cannot be a batch for this model."""
+        if not isinstance(x, torch.Tensor):
+            return
+        if not (x.is_floating_point() or x.is_complex()) and not self.allow_int:
+            raise TypeError(f"{self.who}: got a batch of dtype {x.dtype} images; {_INT_HINT}")
+        if self.device is not None and x.device != self.device:
+            raise ValueError(
+                f"{self.who}: the batch is on {x.device} but the model is on {self.device}; move it first "
+                f"(x = x.to('{self.device}'))"
+            )
+        if self.confirmed:
+            self._check_shape(x)
+
+    def _check_shape(self, x: torch.Tensor) -> None:
+        if x.dim() != self.rank:
+            hint = " (a single image? add the batch dimension with x.unsqueeze(0))" if x.dim() == self.rank - 1 else ""
+            raise ValueError(
+                f"{self.who}: expected a batch of rank {self.rank} (B, {self.channels}, ...) for the model's first "
+                f"{type(self.stem).__name__}, got shape {tuple(x.shape)}{hint}"
+            )
+        if x.shape[1] != self.channels:
+            raise ValueError(
+                f"{self.who}: the model's first {type(self.stem).__name__} takes {self.channels} channels, the batch "
+                f"has {x.shape[1]} (shape {tuple(x.shape)}); channels go on axis 1 (e.g. x.permute(0, 3, 1, 2) for "
+                "channels-last images, x.expand(-1, 3, -1, -1) for grey images on an RGB model)"
+            )
+
+    def watch(self, hooks: Any) -> None:
+        """Register the stem watch on ``hooks`` (a :class:`~adaptkit.core.HookManager`)."""
+        if self.stem is not None:
+            hooks.forward_pre(self.stem, self._pre)
+
+    def arm(self, x: Any) -> None:
+        """Remember ``x`` (the tensor about to be given to the model) for the stem watch."""
+        self._pending = x if (self.stem is not None and not self.confirmed) else None
+
+    def _pre(self, module: torch.nn.Module, inputs: tuple[Any, ...]) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None and inputs and inputs[0] is pending:
+            self.confirmed = True
+            self._check_shape(pending)

@@ -63,8 +63,14 @@ class ForwardStopper:
 
     "Last" is decided at run time: the forward stops as soon as every requested layer has produced an
     output, so the layer order in the model's ``forward`` does not have to match the order given. When not
-    armed the hooks only capture (a full forward, e.g. for the final prediction, still fills
-    :attr:`last_outputs`).
+    armed (:meth:`capture`) the hooks only capture during a full forward. Outside :meth:`run` / :meth:`capture`
+    the hooks do nothing, so ordinary forwards of the model hold no features.
+
+    Captures belong to the thread that called :meth:`run` / :meth:`capture`: a tapped layer that runs in another
+    thread during the call (the replicas of a ``DataParallel`` on several GPUs, or any model that runs its
+    submodules in worker threads) cannot be matched to the batch, and the call raises a ``RuntimeError`` that
+    says so instead of returning partial features. (The aux-head methods adapt a ``nn.DataParallel`` through its
+    module, on the calling thread.)
 
     Outputs come back channels-first: a channels-last ``(B, H, W, C)`` stage output (see
     :func:`channels_last_output`) is returned as a ``(B, C, H, W)`` view, so heads see channels on axis 1 on
@@ -91,6 +97,9 @@ class ForwardStopper:
             raise ValueError("ForwardStopper needs at least one module to stop at")
         self.names = list(modules)
         self._local = threading.local()
+        self._lock = threading.Lock()
+        self._sessions = 0  # run / capture calls in progress, over all threads
+        self._foreign = 0  # tapped-layer calls from threads without a session, while some session was open
         #: per tapped layer, whether its output is channels-last (decided on its first output)
         self.channels_last: dict[str, bool] = {}
         for name, module in modules.items():
@@ -99,12 +108,49 @@ class ForwardStopper:
     def _state(self) -> dict[str, Any]:
         st = getattr(self._local, "state", None)
         if st is None:
-            st = self._local.state = {"armed": False, "outputs": {}}
+            st = self._local.state = {"armed": False, "outputs": {}, "open": False}
         return st
+
+    def _open(self) -> dict[str, Any]:
+        st = self._state()
+        if st["open"]:
+            raise RuntimeError("adaptkit: ForwardStopper.run / capture called re-entrantly from the tapped forward")
+        with self._lock:
+            if self._sessions == 0:
+                self._foreign = 0
+            self._sessions += 1
+        st["open"], st["outputs"] = True, {}
+        return st
+
+    def _close(self, st: dict[str, Any]) -> tuple[dict[str, torch.Tensor], int]:
+        got, st["outputs"], st["armed"], st["open"] = st["outputs"], {}, False, False
+        with self._lock:
+            self._sessions -= 1
+            foreign = self._foreign
+        return got, foreign
+
+    def _missing(self, got: dict[str, torch.Tensor], foreign: int) -> RuntimeError:
+        missing = [n for n in self.names if n not in got]
+        if foreign:
+            return RuntimeError(
+                f"adaptkit: layer(s) {missing} ran in another thread than the caller (replicas of a multi-GPU "
+                "DataParallel, or a model that runs submodules in worker threads), so their features cannot be "
+                "matched to the batch; adapt the plain module (or wrap the nn.DataParallel itself, which adaptkit "
+                "adapts through its module)"
+            )
+        return RuntimeError(
+            f"adaptkit: the model's forward never ran layer(s) {missing}; choose a layer the forward uses "
+            "(adaptkit.list_layers(model) lists them)"
+        )
 
     def _make_hook(self, name: str, tapped: nn.Module) -> Any:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             st = self._state()
+            if not st["open"]:  # an ordinary forward, or a worker thread of someone else's call
+                if self._sessions:
+                    with self._lock:
+                        self._foreign += 1
+                return
             out = _first_tensor(output)
             if out is None:
                 raise TypeError(
@@ -130,29 +176,25 @@ class ForwardStopper:
             RuntimeError: the forward finished without running some tapped layer (it is not used by
                 ``model.forward`` for this input).
         """
-        st = self._state()
-        st["armed"], st["outputs"] = True, {}
+        st = self._open()
+        st["armed"] = True
         try:
             model(x)
         except _StopForward as stop:
             return stop.outputs
         finally:
-            st["armed"] = False
-            got, st["outputs"] = st["outputs"], {}
-        missing = [n for n in self.names if n not in got]
-        raise RuntimeError(
-            f"adaptkit: the model's forward never ran layer(s) {missing}; choose a layer the forward uses "
-            "(adaptkit.list_layers(model) lists them)"
-        )
+            got, foreign = self._close(st)
+        raise self._missing(got, foreign)
 
     def capture(self, model: nn.Module, x: Any) -> tuple[Any, dict[str, torch.Tensor]]:
         """A full forward that also returns the tapped outputs: ``(model_output, {name: output})``."""
-        st = self._state()
-        st["armed"], st["outputs"] = False, {}
+        st = self._open()
         try:
             out = model(x)
         finally:
-            got, st["outputs"] = st["outputs"], {}
+            got, foreign = self._close(st)
+        if foreign and len(got) < len(self.names):
+            raise self._missing(got, foreign)
         return out, got
 
 

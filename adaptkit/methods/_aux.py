@@ -15,7 +15,11 @@ BatchNorm handling (``bn_mode``), the lever the NC-TTT spec calls "silent and bi
   ``(1-m)^n * running + (1-(1-m)^n) * batch`` (unbiased batch variance, as torch's update). This equals the
   reference exactly when the layers' inputs do not change across iterations; here they are measured with the
   adapted weights (what the reference's last iterations see). Cost: one extra forward above the tap.
-* ``"batch"``: batch statistics everywhere (adaptation and prediction), running buffers never written.
+  A layer with ``momentum=None`` (cumulative average) gets the ``n`` cumulative updates instead:
+  ``(t * running + n * batch) / (t + n)`` with ``t = num_batches_tracked``; ``num_batches_tracked`` grows by ``n``.
+* ``"batch"``: batch statistics everywhere (adaptation and prediction), running buffers never written. Both
+  normalise with the **biased** batch variance (what a training-mode BatchNorm uses), so the prediction is the
+  adaptation forward's normalisation, not a different one.
 * ``"source"``: every BN layer keeps the source statistics; only weights adapt.
 """
 
@@ -41,6 +45,34 @@ LayerArg = Union[int, str, Sequence[Union[int, str]], None]
 BN_MODES = ("refresh", "batch", "source")
 
 
+def refresh_running_stats(module: nn.Module, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
+    """Apply, in closed form, the ``n`` running-statistic updates that ``n`` training-mode forwards of a BatchNorm
+    layer on a batch with moments ``(mean, var)`` (``var`` unbiased) would make, as torch does: exponential
+    (``momentum`` m: ``(1-m)^n * running + (1-(1-m)^n) * batch``) or, with ``momentum=None``, the cumulative
+    average (``(t * running + n * batch) / (t + n)``, ``t = num_batches_tracked``). ``num_batches_tracked``
+    grows by ``n``.
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> from adaptkit.methods._aux import refresh_running_stats
+        >>> bn = nn.BatchNorm1d(1, momentum=None)  # cumulative average; 0 batches tracked, running mean 0
+        >>> refresh_running_stats(bn, torch.tensor([2.0]), torch.tensor([1.0]), n=3)
+        >>> bn.running_mean.tolist(), int(bn.num_batches_tracked)
+        ([2.0], 3)
+    """
+    tracked = getattr(module, "num_batches_tracked", None)
+    if module.momentum is None:
+        t = 0 if tracked is None else int(tracked)
+        keep = t / (t + n)
+    else:
+        keep = (1.0 - float(module.momentum)) ** n
+    with torch.no_grad():
+        module.running_mean.mul_(keep).add_(mean.to(module.running_mean.dtype), alpha=1 - keep)
+        module.running_var.mul_(keep).add_(var.to(module.running_var.dtype), alpha=1 - keep)
+        if tracked is not None:
+            tracked.add_(n)
+
+
 def _has_stats(m: nn.Module) -> bool:
     return norm_kind(m) == "batch" and getattr(m, "running_mean", None) is not None
 
@@ -62,7 +94,9 @@ class AuxHeadMethod(TTAMethod):
         bn_mode: ``"refresh"``, ``"batch"`` or ``"source"`` (module docstring).
         episodic: reset before every batch (default per method).
         truncate: stop the forward at the tapped layer while adapting (default; ``False`` runs the full
-            model every iteration; DataParallel models always run in full).
+            model every iteration). A ``nn.DataParallel`` model adapts through its module on the calling thread
+            (whole batch, one device: replica threads could not be matched to the batch order) and predicts
+            through the DataParallel.
         seed: seeds the auxiliary task's randomness (noise, rotations, augmentations); re-seeded on reset.
         check_inputs: reject empty or non-finite batches.
     """
@@ -70,8 +104,9 @@ class AuxHeadMethod(TTAMethod):
     uses_grad = True
     default_episodic = True
     head_class: ClassVar[type[AuxHead]] = AuxHead
-    #: the head's own parameters are adapted too (TTT updates its SSL head; NC-TTT does not); the wrapper then
-    #: adapts a private copy (``wrapper.head``), so one trained head can serve several wrappers at once
+    #: the head's own parameters are adapted too (TTT updates its SSL head; NC-TTT does not). Either way the
+    #: wrapper works on a private copy (``wrapper.head``): the caller's head is never moved, frozen or written,
+    #: so one trained head can serve several wrappers at once
     adapt_head: ClassVar[bool] = False
 
     #: per-method defaults of the optimisation arguments left as ``None``
@@ -114,8 +149,11 @@ class AuxHeadMethod(TTAMethod):
         self.bn_mode, self.truncate, self.seed = bn_mode, bool(truncate), seed
         self._opt_spec = optimizer
         self._layer_arg = layer
-        if self.adapt_head:  # never mutate a head another wrapper may be using (its reset snapshot would drift)
-            head = copy.deepcopy(head)
+        # a private copy: the caller's head (device, flags, training mode, .grad, values) is theirs, and another
+        # wrapper may be using it
+        head = copy.deepcopy(head)
+        for p in head.parameters():
+            p.grad = None
         object.__setattr__(self, "_head", head)  # registered as the submodule `head` in configure()
         self._phase = "adapt"
         self._checked = False
@@ -184,7 +222,6 @@ class AuxHeadMethod(TTAMethod):
         self._head_flags = {n: p.requires_grad for n, p in self.head.named_parameters()}
         self._head_training = {n: m.training for n, m in self.head.named_modules()}
         self._head_state = {k: v.detach().clone() for k, v in self.head.state_dict().items()}
-        self._head_grads = {n: p.grad for n, p in self.head.named_parameters()}
         for p in self.head.parameters():
             p.requires_grad_(self.adapt_head)
         self.head.train(self.adapt_head)
@@ -198,7 +235,11 @@ class AuxHeadMethod(TTAMethod):
             bns = {n: self._targets[n] for n in over}
             active = "measure" if self.bn_mode == "refresh" else "predict"
             BNStatsOverride(bns, self._bn_policy, self.hooks, active=lambda: self._phase == active)
-        self._full = not self.truncate or isinstance(self.model, nn.DataParallel)
+        self._full = not self.truncate
+        # DataParallel runs hooks in replica threads on batch chunks: the adaptation forwards (and anything that
+        # uses batch statistics) run on its module in this thread instead
+        self._dp = isinstance(self.model, nn.DataParallel)
+        self._adapt_model = self.inner if self._dp else self.model
         self.optimizer = build_optimizer(
             self._opt_spec, self._all_trainable(), self.lr, self.momentum, self.weight_decay, self._who()
         )
@@ -210,27 +251,30 @@ class AuxHeadMethod(TTAMethod):
     def _all_trainable(self) -> list[nn.Parameter]:
         return self.trainable_parameters() + (list(self.head.parameters()) if self.adapt_head else [])
 
+    def _to_adapt_device(self, x: Any) -> Any:
+        if self._dp and isinstance(x, torch.Tensor):
+            dev = next((p.device for p in self.inner.parameters()), x.device)
+            return x.to(dev)
+        return x
+
     def _bn_policy(self, name: str, module: nn.Module, mom: Moments) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if self.bn_mode == "batch":
-            return mom.mean, mom.var
-        # refresh (measure pass): n momentum updates of the running statistics, training-form output
-        m = module.momentum if module.momentum is not None else 0.1
-        keep = (1.0 - m) ** self.steps
         unbiased = torch.nan_to_num(mom.var, nan=0.0) if mom.count < 2 else mom.var
-        with torch.no_grad():
-            module.running_mean.mul_(keep).add_(mom.mean.to(module.running_mean.dtype), alpha=1 - keep)
-            module.running_var.mul_(keep).add_(unbiased.to(module.running_var.dtype), alpha=1 - keep)
-        biased = unbiased * ((mom.count - 1) / mom.count)
+        biased = unbiased * ((mom.count - 1) / mom.count)  # what a training-mode BatchNorm normalises with
+        if self.bn_mode == "batch":
+            return mom.mean, biased
+        # refresh (measure pass): the n running-statistic updates of n training-mode forwards, training-form output
+        refresh_running_stats(module, mom.mean, unbiased, self.steps)
         return mom.mean, biased
 
     # ------------------------------------------------------------------ adaptation
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The tapped features of ``x`` (truncated forward unless ``truncate=False``)."""
+        x = self._to_adapt_device(x)
         if self._full:
-            _, got = self._stopper.capture(self.model, x)
+            _, got = self._stopper.capture(self._adapt_model, x)
         else:
-            got = self._stopper.run(self.model, x)
-        feats = [got[n] for n in self.layers]
+            got = self._stopper.run(self._adapt_model, x)
+        feats = [got[n] for n in self.layers]  # a missing layer already raised in the stopper
         if not self._checked:
             self.head.check_features(feats, self._who())
             self._checked = True
@@ -269,13 +313,15 @@ class AuxHeadMethod(TTAMethod):
                     m.track_running_stats = False  # batch statistics, no further update of the adapted layers
                 self._phase = "measure"
                 try:
-                    self.model(x)
+                    self._adapt_model(self._to_adapt_device(x))
                 finally:
                     for m, t in zip(ups, tracks):
                         m.track_running_stats = t
             for m in ups:
                 m.training = False  # eval form for the prediction (the reference's model.eval() re-forward)
             self._phase = "predict"
+            if self.bn_mode == "batch" and self._dp:  # batch statistics of the whole batch, not of each chunk
+                return self.inner(self._to_adapt_device(x))
             return self.model(x)
         finally:
             self._phase = "adapt"
@@ -301,12 +347,13 @@ class AuxHeadMethod(TTAMethod):
         if self._restored:
             return self.model
         out = super().restore()
+        # the private copy goes back to the caller's head as well (values, flags, modes), for inspection
         with torch.no_grad():
             for k, v in self.head.state_dict().items():
                 v.copy_(self._head_state[k])
         for n, p in self.head.named_parameters():
             p.requires_grad_(self._head_flags[n])
-            p.grad = self._head_grads.get(n)
+            p.grad = None
         for n, m in self.head.named_modules():
             m.training = self._head_training[n]
         return out

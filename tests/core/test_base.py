@@ -294,8 +294,8 @@ def test_context_manager_restores_on_exception() -> None:
 def test_restore_when_forward_raised() -> None:
     model = _net()
     fp = _fingerprint(model)
-    with BiasNudge(model) as m, pytest.raises(RuntimeError, match="shape"):
-        m(torch.randn(2, 5, 8, 8))  # wrong channels: conv raises
+    with BiasNudge(model) as m, pytest.raises(ValueError, match="takes 3 channels, the batch has 5"):
+        m(torch.randn(2, 5, 8, 8))  # wrong channels: refused before the model runs
     _assert_same(model, fp)
 
 

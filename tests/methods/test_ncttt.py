@@ -128,14 +128,23 @@ def test_refresh_closed_form_for_layers_above() -> None:
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_batch_mode_with_zero_step_equals_ptbn(trained) -> None:
+def test_batch_mode_with_zero_step_predicts_with_biased_batch_statistics(trained) -> None:
+    """bn_mode="batch" normalises with the biased batch variance while adapting (training-form BN) and when
+    predicting: the prediction equals a training-mode forward of the untouched model (lr ~ 0), and differs from
+    BNAdapt(N=0), which uses the unbiased variance (the seed paper's PTBN)."""
     model, head = trained
     x = shifted(1)
     with NCTTT(model, layer=1, head=head, steps=1, lr=1e-12, bn_mode="batch") as nc:
         got = nc(x)
-    with adaptkit.BNAdapt(model, N=0) as bn:
-        want = bn(x)
+    ref = copy.deepcopy(model)
+    for m in ref.modules():
+        m.training = isinstance(m, nn.modules.batchnorm._BatchNorm)  # batch statistics, biased variance
+    with torch.no_grad():
+        want = ref(x)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    with adaptkit.BNAdapt(model, N=0) as bn:
+        unbiased = bn(x)
+    assert not torch.allclose(got, unbiased, rtol=1e-4, atol=1e-4)
 
 
 def test_adapts_only_the_encoder_up_to_the_tap(trained) -> None:
