@@ -54,10 +54,13 @@ class BNStatsOverride:
         self.policy = policy
         self.active = active
         self._lock = threading.Lock()
-        self._stash: dict[int, tuple[Any, Any, bool]] = {}
+        self._stash: dict[int, tuple[nn.Module, Any, Any, bool]] = {}
         for name, module in layers.items():
             hooks.forward_pre(module, self._make_pre(name))
             hooks.forward(module, self._post, always_call=True)
+        # torch runs always_call hooks on an Exception only: a KeyboardInterrupt (any BaseException) between the
+        # pre-hook and the layer's end leaves the swapped statistics in; removing the hooks puts them back
+        hooks.on_remove(self.unstash_all)
 
     def _make_pre(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         def pre(module: nn.Module, inputs: tuple[Any, ...]) -> None:
@@ -72,7 +75,9 @@ class BNStatsOverride:
                 return
             mean, var = stats
             with self._lock:
-                self._stash[id(module)] = (buf["running_mean"], buf["running_var"], module.training)
+                if id(module) in self._stash:  # left swapped by an interrupted forward: put the source back first
+                    self._unstash(id(module))
+                self._stash[id(module)] = (module, buf["running_mean"], buf["running_var"], module.training)
             buf["running_mean"] = mean.to(buf["running_mean"].dtype)
             buf["running_var"] = var.to(buf["running_var"].dtype)
             module.training = False  # inference form: use (and never write) the swapped-in statistics
@@ -81,6 +86,16 @@ class BNStatsOverride:
 
     def _post(self, module: nn.Module, inputs: Any, output: Any) -> None:
         with self._lock:
-            saved = self._stash.pop(id(module), None)
+            self._unstash(id(module))
+
+    def _unstash(self, key: int) -> None:
+        saved = self._stash.pop(key, None)
         if saved is not None:
-            module._buffers["running_mean"], module._buffers["running_var"], module.training = saved
+            module, mean, var, training = saved
+            module._buffers["running_mean"], module._buffers["running_var"], module.training = mean, var, training
+
+    def unstash_all(self) -> None:
+        """Put back every buffer still swapped (after a forward interrupted by a ``BaseException``)."""
+        with self._lock:
+            for key in list(self._stash):
+                self._unstash(key)

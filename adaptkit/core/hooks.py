@@ -27,6 +27,7 @@ class HookManager:
 
     def __init__(self) -> None:
         self._handles: list[RemovableHandle] = []
+        self._cleanups: list[Callable[[], None]] = []
 
     def __len__(self) -> int:
         return len(self._handles)
@@ -39,10 +40,17 @@ class HookManager:
         """Register a forward pre-hook ``fn(module, inputs)``."""
         self._handles.append(module.register_forward_pre_hook(fn))
 
+    def on_remove(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` in :meth:`remove_all`, after the hooks are gone (undo what a hook may have left half done)."""
+        self._cleanups.append(fn)
+
     def remove_all(self) -> None:
-        """Remove every hook registered through this manager (safe to call repeatedly)."""
+        """Remove every hook registered through this manager, then run the :meth:`on_remove` callbacks (safe to
+        call repeatedly; each callback runs once)."""
         while self._handles:
             self._handles.pop().remove()
+        while self._cleanups:
+            self._cleanups.pop()()
 
 
 class FeatureTap:
