@@ -272,7 +272,7 @@ def test_forward_stopper_refuses_layers_run_in_other_threads() -> None:
     with pytest.raises(RuntimeError, match="another thread"):
         stop.capture(net, torch.zeros(2, 3, 8, 8))
     net(torch.zeros(2, 3, 8, 8))  # ordinary forwards (no run / capture call) hold nothing and raise nothing
-    out, got = stop.capture(net.conv, torch.zeros(2, 3, 8, 8))  # same thread: captured
+    _out, got = stop.capture(net.conv, torch.zeros(2, 3, 8, 8))  # same thread: captured
     assert got["conv"].shape == (2, 4, 6, 6)
     hooks.remove_all()
 
