@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from adaptkit._version import __version__
+from adaptkit.core.serialization import check_plain, load_weights_only, save_atomic
 
 _FORMAT = "adaptkit.aux_head/1"
 H = TypeVar("H", bound="AuxHead")
@@ -148,38 +149,88 @@ class AuxHead(nn.Module):
 
     # ------------------------------------------------------------------ save / load
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write weights, config, layer binding and training history to ``path`` (``torch.save`` format)."""
+        """Write weights, config, layer binding and training history to ``path`` (``torch.save`` format).
+
+        The file holds tensors and a JSON string only (the head's class by name, never pickled), so
+        ``torch.load(path, weights_only=True)`` reads it; it is written through a temporary file, so an
+        interrupted save never leaves a truncated file at ``path``.
+
+        Raises:
+            TypeError: the config, binding or history is not JSON, or the state dict holds a non-tensor value.
+        """
+        who = f"{type(self).__name__}.save"
         meta = {
             "class": type(self).__name__,
+            "module": type(self).__module__,
             "config": self._config,
             "binding": self.binding,
             "history": self.history,
             "version": __version__,
         }
-        state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
-        torch.save({"format": _FORMAT, "meta": json.dumps(meta), "state_dict": state}, os.fspath(path))
+        try:
+            text = json.dumps(meta)
+        except (TypeError, ValueError) as e:
+            raise TypeError(
+                f"{who}: the config, binding and history must be JSON values (numbers, strings, lists, dicts): {e}"
+            ) from e
+        state = {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in self.state_dict().items()}
+        blob = {"format": _FORMAT, "meta": text, "state_dict": state}
+        check_plain(blob, who, "a head file")
+        save_atomic(blob, path)
 
     @classmethod
     def load(cls: type[H], path: str | os.PathLike[str], map_location: Any = "cpu") -> H:
         """Load a head written by :meth:`save` (with ``weights_only=True``: no code is unpickled).
 
+        The head's class is looked up by the name the file records: ``AuxHead.load`` finds any imported head
+        class, ``NCTTTHead.load`` accepts NC-TTT heads only.
+
         Raises:
-            ValueError: the file is not an adaptkit head, or holds another head class.
+            ValueError: the file is truncated or damaged, is not an adaptkit head, holds another head class, or
+                its weights do not fit the head its config builds.
+            FileNotFoundError: there is no file at ``path``.
         """
-        blob = torch.load(os.fspath(path), map_location=map_location, weights_only=True)
-        if not isinstance(blob, dict) or blob.get("format") != _FORMAT:
-            raise ValueError(f"{cls.__name__}.load: {os.fspath(path)!r} is not an adaptkit head file ({_FORMAT})")
-        meta = json.loads(blob["meta"])
+        name = os.fspath(path)
+        who = f"{cls.__name__}.load"
+        hint = "pass a file written by head.save(path) (train a head with <Method>.train_head(model, layer=...))"
+        blob = load_weights_only(name, who, "an adaptkit head file", hint, map_location)
+        fmt = blob.get("format") if isinstance(blob, dict) else None
+        if isinstance(fmt, str) and fmt.startswith(_FORMAT.split("/")[0] + "/") and fmt != _FORMAT:
+            raise ValueError(
+                f"{who}: {name!r} is a head file of format {fmt!r}, this adaptkit ({__version__}) reads {_FORMAT!r}; "
+                "load it with the adaptkit version that wrote it, or save the head again"
+            )
+        if isinstance(fmt, str) and fmt.startswith("adaptkit-train-checkpoint"):
+            raise ValueError(
+                f"{who}: {name!r} is a train_head checkpoint (the state of a training run), not a head file; "
+                "finish the run with train_head(..., checkpoint=path) and save the head it returns with head.save"
+            )
+        if fmt != _FORMAT:
+            what = f"a {type(blob).__name__}" if not isinstance(blob, dict) else f"a dict with keys {sorted(blob)[:5]}"
+            raise ValueError(f"{who}: {name!r} is not an adaptkit head file ({_FORMAT}) but {what}; {hint}")
+        meta = _head_meta(blob, name, who)
         if cls is not AuxHead and meta["class"] != cls.__name__:
             raise ValueError(
-                f"{cls.__name__}.load: {os.fspath(path)!r} holds a {meta['class']}; load it with "
-                f"adaptkit.heads.{meta['class']}.load"
+                f"{who}: {name!r} holds a {meta['class']}; load it with adaptkit.heads.{meta['class']}.load"
             )
-        target: type[AuxHead] = cls if cls is not AuxHead else _head_class(meta["class"])
-        head = target(**meta["config"])
-        head.load_state_dict(blob["state_dict"])
+        target: type[AuxHead] = cls if cls is not AuxHead else _head_class(meta["class"], meta.get("module"))
+        try:
+            head = target(**meta["config"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(
+                f"{who}: {name!r} holds a {meta['class']} config that {target.__name__} does not accept ({e}); was "
+                "it written by another adaptkit version? Save the head again with this version"
+            ) from e
+        try:
+            head.load_state_dict(blob["state_dict"])
+        except (RuntimeError, KeyError, TypeError, ValueError) as e:
+            detail = " ".join(str(e).split())
+            raise ValueError(
+                f"{who}: the weights in {name!r} do not fit the {meta['class']} its config builds ({detail[:300]}); "
+                "the file is damaged or was edited: save or train the head again"
+            ) from e
         head.binding = meta["binding"]
-        head.history = meta.get("history", [])
+        head.history = meta.get("history") or []
         return head  # type: ignore[return-value]
 
     def extra_repr(self) -> str:
@@ -187,13 +238,39 @@ class AuxHead(nn.Module):
         return f"layers={layers}"
 
 
-def _head_class(name: str) -> type[AuxHead]:
+def _head_meta(blob: dict[str, Any], name: str, who: str) -> dict[str, Any]:
+    """The checked JSON metadata of a head file."""
+    damaged = f"{who}: {name!r} is a damaged adaptkit head file"
+    try:
+        meta = json.loads(blob.get("meta"))  # type: ignore[arg-type]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{damaged} (its metadata is not JSON: {e}); save the head again") from e
+    ok = (
+        isinstance(meta, dict)
+        and isinstance(meta.get("class"), str)
+        and isinstance(meta.get("config"), dict)
+        and (meta.get("binding") is None or isinstance(meta.get("binding"), dict))
+        and isinstance(meta.get("history", []), list)
+        and isinstance(blob.get("state_dict"), dict)
+    )
+    if not ok:
+        raise ValueError(f"{damaged} (class, config, binding or weights missing); save the head again")
+    return meta
+
+
+def _head_class(name: str, module: str | None = None) -> type[AuxHead]:
+    """The imported :class:`AuxHead` subclass called ``name`` (the one from ``module`` first): heads are recorded
+    by name in a file, never pickled."""
+
     def walk(c: type[AuxHead]) -> list[type[AuxHead]]:
         return [c] + [s for sub in c.__subclasses__() for s in walk(sub)]
 
-    for c in walk(AuxHead):
-        if c.__name__ == name:
+    found = [c for c in walk(AuxHead) if c.__name__ == name]
+    for c in found:
+        if c.__module__ == module:
             return c
+    if found:
+        return found[0]
     raise ValueError(f"AuxHead.load: unknown head class {name!r} (import the module that defines it first)")
 
 
