@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from adaptkit._version import __version__
-from adaptkit.core.check import InputGuard, check_batch
+from adaptkit.core.check import InputGuard
 from adaptkit.core.hooks import HookManager
 from adaptkit.core.snapshot import Snapshot
 from adaptkit.core.unwrap import is_compiled, unwrap_model
@@ -138,7 +138,6 @@ class TTAMethod(nn.Module):
         self.check_inputs = check_inputs
         self.steps = int(getattr(self, "steps", 1))
         self.hooks = HookManager()
-        self._guard_hooks = HookManager()  # the input guard's stem watch (removed once the stem is confirmed)
         self.optimizer: torch.optim.Optimizer | None = None
         self._restored = False
         self._warned: set[str] = set()
@@ -214,11 +213,9 @@ class TTAMethod(nn.Module):
             self._assert_modes()
             self.configure()
             self._guard = InputGuard(inner, self._who(), data_parallel=isinstance(self.model, nn.DataParallel))
-            self._guard.watch(self._guard_hooks)
             setattr(inner, _TAG, self.name or type(self).__name__)
         except BaseException:
             self.hooks.remove_all()
-            self._guard_hooks.remove_all()
             self._snapshot.restore()
             self._give_back_grads()
             if hasattr(inner, _TAG):
@@ -242,10 +239,7 @@ class TTAMethod(nn.Module):
         """Adapt on ``x`` as the method defines and return predictions (same type as the model's output)."""
         self._check_alive()
         if self.check_inputs:
-            check_batch(x, self._who())
-            self._guard.check(x)
-            if self._guard.confirmed and len(self._guard_hooks):
-                self._guard_hooks.remove_all()
+            self._guard.check(x)  # dtype and device, then non-empty and finite, then rank and channels
         if self.uses_grad and torch.is_inference_mode_enabled():
             if not isinstance(x, torch.Tensor):
                 raise RuntimeError(
@@ -260,21 +254,46 @@ class TTAMethod(nn.Module):
         if self.episodic:
             self.reset()
         self._assert_modes()
-        if self.check_inputs:
-            self._guard.arm(x)
-        last = None
+        saved = self._save_volatile()
+        last, done = None, 0
         try:
             with torch.enable_grad() if self.uses_grad else torch.no_grad():
                 for _ in range(self.steps):
                     last = self.adapt_step(x)
+                    done += 1
             with torch.no_grad():
                 out = self.predict(x, last)
         except Exception as e:
+            if saved is not None and done == 0:  # failed in the first step: undo what its forward wrote
+                self._restore_volatile(saved)
             add_note(e, self._explain(e, x))
             raise  # the very exception the model raised: same type, same object, same traceback
         finally:
             self._zero_grad()
         return _detach(out)
+
+    def _volatile_names(self) -> list[str]:
+        """Buffers a forward itself writes: those of targeted modules that run in training mode."""
+        if not hasattr(self, "_volatile"):
+            training = set(self.train_modules())
+            params = set(self._named_trainable())
+            self._volatile = [
+                n for n in self._snapshot.tensors if n.rpartition(".")[0] in training and n not in params
+            ]
+        return self._volatile
+
+    def _save_volatile(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        names = self._volatile_names()
+        if not names:
+            return None
+        live = Snapshot._live(self.inner)
+        return [(live[n], live[n].detach().clone()) for n in names]
+
+    @staticmethod
+    def _restore_volatile(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        with torch.no_grad():
+            for t, v in saved:
+                t.copy_(v)
 
     def _explain(self, e: BaseException, x: Any) -> str:
         """A note for an exception raised while adapting (attached to it, never replacing it)."""
@@ -325,7 +344,6 @@ class TTAMethod(nn.Module):
         self._restored = True
         try:
             self.hooks.remove_all()
-            self._guard_hooks.remove_all()
         finally:
             self._snapshot.restore()
             self._give_back_grads()
@@ -372,6 +390,13 @@ class TTAMethod(nn.Module):
             missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
             raise KeyError(f"{self._who()}: adaptation state mismatch; missing {missing[:5]}, unexpected {extra[:5]}")
         live = Snapshot._live(self.inner)
+        for k, v in tensors.items():  # every entry checked before anything is written
+            if not isinstance(v, torch.Tensor) or v.shape != live[k].shape:
+                got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ValueError(
+                    f"{self._who()}: adaptation state entry {k!r} has shape {got}, the model's has "
+                    f"{tuple(live[k].shape)}; this state was saved for another model"
+                )
         with torch.no_grad():
             for k, v in tensors.items():
                 live[k].copy_(v)

@@ -30,8 +30,9 @@ def check_batch(x: Any, who: str, finite: bool = True) -> None:
         return  # custom inputs (dicts, tuples) are the model's business
     check(x.dim() >= 1, f"{who}: expected a batch with a leading batch dimension, got a 0-d tensor")
     check(
-        x.shape[0] > 0,
-        f"{who}: got an empty batch (shape {tuple(x.shape)}); skip empty batches before calling the wrapper",
+        x.shape[0] > 0 and x.numel() > 0,
+        f"{who}: got an empty batch (shape {tuple(x.shape)}, no values); skip empty batches before calling the "
+        "wrapper",
     )
     # A finite sum implies finite elements (NaN / Inf propagate through any summation order); only a
     # non-finite sum (bad values, or a float overflow of the sum) needs the element-wise test, which is
@@ -50,24 +51,33 @@ _INT_HINT = (
 )
 
 
+class _Reached(Exception):
+    """Raised by the stem probe's pre-hook: the stem was reached; carries whether it got the batch itself."""
+
+    def __init__(self, same: bool) -> None:
+        super().__init__("adaptkit stem probe")
+        self.same = same
+
+
 class InputGuard:
-    """Checks a test batch against what the model can take, before the model sees it, with messages that say
+    """Checks a test batch against what the model can take, before the model runs on it, with messages that say
     what to do. Built once per wrapper from the unwrapped model:
 
     * **dtype**: integer / bool images are refused (``TypeError``), unless the model holds an embedding layer
       (token inputs);
-    * **device**: a model whose parameters all live on one device refuses a batch on another (``ValueError``);
-      skipped for ``nn.DataParallel``, which scatters its input itself;
-    * **rank and channels**: when the model's first parameterised module (in registration order) is a
-      convolution, it is watched on the first batches; once it is seen to receive the batch tensor itself
-      (``inputs[0] is x``: it is the model's stem), every batch is checked up front against its rank
-      (``N + 2`` for ``ConvNd``) and ``in_channels``. Until then the watch raises the same error from inside
-      the stem, before any layer has run on the batch.
+    * **device**: a model whose parameters and buffers all live on one device refuses a batch on another
+      (``ValueError``); skipped for ``nn.DataParallel``, which scatters its input itself;
+    * **rank and channels** (``ValueError``): when the model's first parameterised module (in registration
+      order) is a convolution, the first batch is sent through a probe forward that stops as soon as that
+      convolution is reached (every module in eval mode, no gradients; nothing is computed past the stem's
+      input). If the convolution receives the batch tensor itself it is the model's stem, and every batch is
+      checked up front against its rank (``N + 2`` for ``ConvNd``) and ``in_channels``; otherwise (a model
+      that transforms its input first) the shape is left to the model.
 
     Args:
         model: the unwrapped model.
         who: the wrapper's name, for the messages.
-        data_parallel: the wrapped model is an ``nn.DataParallel`` (no device check, no stem watch).
+        data_parallel: the wrapped model is an ``nn.DataParallel`` (no device check, no stem probe).
 
     Example:
         >>> import torch, torch.nn as nn
@@ -75,32 +85,42 @@ class InputGuard:
         >>> guard = InputGuard(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), "demo")
         >>> guard.check(torch.zeros(2, 3, 8, 8))
         >>> try:
-        ...     guard.check(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
-        ... except TypeError as e:
-        ...     print(str(e)[:44])
-        demo: got a batch of dtype torch.uint8 images
+        ...     guard.check(torch.zeros(2, 1, 8, 8))
+        ... except ValueError as e:
+        ...     print(str(e)[:56])
+        demo: the model's first Conv2d takes 3 channels, the bat
     """
 
     def __init__(self, model: torch.nn.Module, who: str, data_parallel: bool = False) -> None:
         import torch.nn as nn
 
+        self.model = model
         self.who = who
         self.allow_int = any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in model.modules())
         devices = {p.device for p in model.parameters()} | {b.device for b in model.buffers()}
         self.device = next(iter(devices)) if len(devices) == 1 and not data_parallel else None
         self.stem: nn.Module | None = None
         self.rank = self.channels = 0
-        self.confirmed = False
-        self._pending: Any = None
+        #: ``None`` until the first batch's probe; then whether the first convolution is the model's stem
+        self.confirmed: bool | None = None
         if not data_parallel:
             first = next((m for m in model.modules() if any(True for _ in m.parameters(recurse=False))), None)
             if isinstance(first, nn.modules.conv._ConvNd) and not isinstance(first, nn.modules.lazy.LazyModuleMixin):
                 self.stem = first
                 self.rank = len(first.kernel_size) + 2
                 self.channels = int(first.in_channels)
+        if self.stem is None:
+            self.confirmed = False
 
     def check(self, x: Any) -> None:
-        """Raise before the model runs if ``x`` cannot be a batch for this model."""
+        """Raise before the model runs if ``x`` cannot be a batch for this model: :meth:`check_type`, then
+        :func:`check_batch` (non-empty, finite), then :meth:`check_shape`."""
+        self.check_type(x)
+        check_batch(x, self.who)
+        self.check_shape(x)
+
+    def check_type(self, x: Any) -> None:
+        """dtype and device (cheap; run first, so that no value of a batch on another device is read)."""
         if not isinstance(x, torch.Tensor):
             return
         if not (x.is_floating_point() or x.is_complex()) and not self.allow_int:
@@ -110,8 +130,37 @@ class InputGuard:
                 f"{self.who}: the batch is on {x.device} but the model is on {self.device}; move it first "
                 f"(x = x.to('{self.device}'))"
             )
+
+    def check_shape(self, x: Any) -> None:
+        """Rank and channels against the model's stem (probed on the first batch)."""
+        if not isinstance(x, torch.Tensor) or self.stem is None:
+            return
+        if self.confirmed is None:
+            self.confirmed = self._probe(x)
         if self.confirmed:
             self._check_shape(x)
+
+    def _probe(self, x: torch.Tensor) -> bool:
+        assert self.stem is not None
+
+        def reached(module: torch.nn.Module, inputs: tuple[Any, ...]) -> None:
+            raise _Reached(bool(inputs) and inputs[0] is x)
+
+        flags = {m: m.training for m in self.model.modules()}
+        handle = self.stem.register_forward_pre_hook(reached)
+        try:
+            self.model.eval()
+            with torch.no_grad():
+                self.model(x)
+        except _Reached as stop:
+            return stop.same
+        except Exception:
+            return False  # the model transforms or refuses the input before its first convolution: its business
+        finally:
+            handle.remove()
+            for m, flag in flags.items():
+                m.training = flag
+        return False
 
     def _check_shape(self, x: torch.Tensor) -> None:
         if x.dim() != self.rank:
@@ -126,18 +175,3 @@ class InputGuard:
                 f"has {x.shape[1]} (shape {tuple(x.shape)}); channels go on axis 1 (e.g. x.permute(0, 3, 1, 2) for "
                 "channels-last images, x.expand(-1, 3, -1, -1) for grey images on an RGB model)"
             )
-
-    def watch(self, hooks: Any) -> None:
-        """Register the stem watch on ``hooks`` (a :class:`~adaptkit.core.HookManager`)."""
-        if self.stem is not None:
-            hooks.forward_pre(self.stem, self._pre)
-
-    def arm(self, x: Any) -> None:
-        """Remember ``x`` (the tensor about to be given to the model) for the stem watch."""
-        self._pending = x if (self.stem is not None and not self.confirmed) else None
-
-    def _pre(self, module: torch.nn.Module, inputs: tuple[Any, ...]) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None and inputs and inputs[0] is pending:
-            self.confirmed = True
-            self._check_shape(pending)
