@@ -17,8 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import adaptkit
+from adaptkit._progress import progress
 from adaptkit.bench.heads import needs_head, prepare_head
-from adaptkit.bench.models import _progress, cache_dir, load_model
+from adaptkit.bench.models import cache_dir, load_model
 from adaptkit.bench.spec import MethodSpec
 from adaptkit.data.datasets import as_unit_float
 from adaptkit.data.segmentation import IGNORE_INDEX
@@ -225,7 +226,7 @@ def build_domains(
         x, y = subset(*clean, config.n_samples, config.seed)
         cache = cache_dir() / "corrupted" / (config.dataset if data is None else "user")
         pairs = list(itertools.product(config.corruptions, config.severities))
-        for c, s in _progress(pairs, len(pairs), "corrupting test data", config.progress):
+        for c, s in progress(pairs, len(pairs), "corrupting test data", config.progress):
             ds = CorruptedDataset(x, y, c, s, seed=config.seed, cache_dir=cache)
             domains.append(Domain(f"{c}-{s}", ds.images, y, c, s))
         return domains, Domain("clean", x, y, "clean", 0)
@@ -315,7 +316,7 @@ def evaluate(
     try:
         stream = make_stream(config.protocol, domains, batch_size, config.seed, config.dirichlet)
         total = sum(math.ceil(len(d.y) / batch_size) for d in domains)
-        for batch in _progress(stream, total, spec.label, config.progress):
+        for batch in progress(stream, total, spec.label, config.progress):
             t0 = time.perf_counter()
             x = batch.x.to(device)
             with amp:

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from adaptkit._progress import progress
 from adaptkit.core.base import _TAG, TTAMethod, get_logits
 from adaptkit.core.hooks import HookManager
 from adaptkit.core.layers import resolve_layer
@@ -44,13 +45,8 @@ def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def _progress(it: Iterable[Any], enabled: bool, desc: str, total: int | None) -> Iterable[Any]:
-    if not enabled:
-        return it
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # progress bars are optional
-        return it
-    return tqdm(it, desc=desc, total=total, leave=False)
+    """A tqdm bar on a terminal, a few log lines elsewhere (:func:`adaptkit._progress.progress`)."""
+    return progress(it, total, desc, enabled)
 
 
 def _len(loader: Iterable[Any]) -> int | None:
