@@ -16,17 +16,15 @@ Example:
 from __future__ import annotations
 
 import argparse
-import difflib
 import importlib
 import importlib.util
-import inspect
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 import torch.nn as nn
 
 from adaptkit._version import __version__
+from adaptkit.models import ModelLookupError, build_model  # build_model re-exported: adaptkit.cli.build_model
 
 #: Modules that contribute a subcommand through ``add_parser(subparsers)``; absent modules are skipped.
 SUBCOMMAND_MODULES: tuple[str, ...] = ("adaptkit.bench.cli",)
@@ -36,72 +34,6 @@ _KIND_LABELS = {"batch": "BatchNorm", "group": "GroupNorm", "layer": "LayerNorm"
 
 class CLIError(Exception):
     """A user error: printed as ``adaptkit <command>: <message>`` and exit code 2."""
-
-
-# ---------------------------------------------------------------------------------------------- models
-def _torchvision_names() -> list[str]:
-    import torchvision
-
-    return list(torchvision.models.list_models())
-
-
-def _timm_names() -> list[str]:
-    try:
-        import timm
-    except ImportError:
-        return []
-    return list(timm.list_models())
-
-
-def _unknown_model(name: str, source: str) -> CLIError:
-    candidates: list[str] = []
-    if source in ("torchvision", "auto"):
-        candidates += _torchvision_names()
-    if source in ("timm", "auto"):
-        candidates += _timm_names()
-    close = difflib.get_close_matches(name, sorted(set(candidates)), n=5, cutoff=0.6)
-    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    where = {
-        "torchvision": "torchvision.models.list_models()",
-        "timm": "timm.list_models('*pattern*')",
-        "auto": "torchvision.models.list_models() or timm.list_models('*pattern*')",
-    }[source]
-    return CLIError(f"unknown {'' if source == 'auto' else source + ' '}model {name!r}.{hint} See {where}.")
-
-
-def build_model(name: str, source: str = "auto", num_classes: int | None = None) -> tuple[nn.Module, str]:
-    """Build ``name`` with random weights (no download) from torchvision or timm.
-
-    Args:
-        name: a torchvision model name (``torchvision.models.list_models()``) or a timm one
-            (``timm.list_models()``).
-        source: ``"torchvision"``, ``"timm"`` or ``"auto"`` (torchvision first, then timm).
-        num_classes: classifier width; ``None`` keeps the library default.
-
-    Returns:
-        ``(model in eval mode, source it came from)``.
-
-    Raises:
-        CLIError: unknown name (with close matches) or timm not installed.
-    """
-    kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
-    if source in ("torchvision", "auto") and name in _torchvision_names():
-        import torchvision
-
-        builder = torchvision.models.get_model_builder(name)
-        if "weights_backbone" in inspect.signature(builder).parameters:
-            kwargs["weights_backbone"] = None  # segmentation / detection builders default to ImageNet backbones
-        return torchvision.models.get_model(name, weights=None, **kwargs).eval(), "torchvision"
-    if source in ("timm", "auto"):
-        try:
-            import timm
-        except ImportError as e:
-            if source == "timm":
-                raise CLIError("timm is not installed: pip install timm") from e
-            raise _unknown_model(name, "torchvision") from e
-        if timm.is_model(name):
-            return timm.create_model(name, pretrained=False, **kwargs).eval(), "timm"
-    raise _unknown_model(name, source)
 
 
 # ---------------------------------------------------------------------------------------------- layers
@@ -122,7 +54,10 @@ def _layers_summary(model: nn.Module) -> str:
 def _cmd_layers(args: argparse.Namespace) -> int:
     from adaptkit.core.layers import format_layers, list_layers
 
-    model, source = build_model(args.model, args.source, args.num_classes)
+    try:
+        model, source = build_model(args.model, args.source, args.num_classes)
+    except ModelLookupError as e:
+        raise CLIError(str(e)) from e
     print(f"# {args.model} ({source}, random weights)")
     print(format_layers(list_layers(model, norm_only=args.norm_only)))
     print(_layers_summary(model))

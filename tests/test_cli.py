@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -109,3 +110,16 @@ def test_python_m_adaptkit_and_no_timm_import() -> None:
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "summary: 20 BatchNorm" in res.stdout and res.stdout.strip().endswith("OK")
+
+
+def test_bench_unknown_model_exit_code_2(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``adaptkit bench --model`` resolves names with the library's ``adaptkit.models.build_model``; its lookup
+    error (a ValueError) becomes the command's one-line error, as for ``adaptkit layers``."""
+    monkeypatch.setenv("ADAPTKIT_CACHE", str(tmp_path))
+    argv = ["bench", "--model", "resnt18", "--dataset", "synthetic", "--corruptions", "contrast", "--n-samples", "8"]
+    assert main([*argv, "--quiet", "--no-shift-score"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("adaptkit bench: error: unknown model 'resnt18'") and "resnet18" in err
+    assert "Traceback" not in err

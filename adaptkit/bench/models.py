@@ -15,8 +15,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models import resnet as _tv_resnet
 
+from adaptkit._progress import progress as _progress  # (it, total, desc, enabled); also used by benchmarks/
 from adaptkit.core.unwrap import strip_prefix
 from adaptkit.data.datasets import as_unit_float
+from adaptkit.models import build_model  # the one name -> model resolver (also behind `adaptkit layers`)
 
 
 def cache_dir() -> Path:
@@ -174,17 +176,6 @@ def save_atomic(obj: Any, path: Path) -> None:
     tmp.replace(path)
 
 
-def _progress(it: Any, total: int, desc: str, enabled: bool = True) -> Any:
-    if not enabled:
-        return it
-    try:
-        from tqdm.auto import tqdm
-
-        return tqdm(it, total=total, desc=desc, leave=False)
-    except ImportError:
-        return it
-
-
 def fit(
     model: nn.Module,
     images: torch.Tensor,
@@ -334,6 +325,9 @@ def load_model(name: str, num_classes: int | None = None, checkpoint: str | None
     path of a whole pickled model (``torch.save(model, path)``; unpickling runs code, so only load your own files).
 
     Random weights unless ``checkpoint`` (a state dict file, loaded with ``weights_only=True``) is given.
+
+    Raises:
+        adaptkit.models.ModelLookupError: an unknown name (a ``ValueError``; the message lists close matches).
     """
     if name in ("fmnist_resnet", "fmnist-resnet"):
         return fmnist_source_model(**kw)
@@ -345,8 +339,6 @@ def load_model(name: str, num_classes: int | None = None, checkpoint: str | None
                 "architecture's name with --model"
             )
         return obj.eval()
-    from adaptkit.cli import build_model  # one name -> model resolver for the CLI and the bench
-
     timm_only = name.startswith("timm:")
     model, _ = build_model(name.removeprefix("timm:"), "timm" if timm_only else "auto", num_classes)
     if checkpoint:

@@ -7,6 +7,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from adaptkit.bench.tasks import score_key
+
 
 def _plt() -> Any:
     import matplotlib
@@ -38,8 +40,6 @@ def pearson(xs: list[float], ys: list[float]) -> float:
 def make_plots(result: Any, out: Path) -> list[Path]:
     """Per-corruption bars, accuracy vs severity, shift score vs source error (with correlation), and for
     sweeps accuracy vs the swept method parameter per batch size / severity."""
-    from adaptkit.bench.report import score_key
-
     plt = _plt()
     rows = [r for r in result.rows if r["domain"] != "clean"]
     cfg = result.config

@@ -9,16 +9,14 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from adaptkit.bench.tasks import score_key
 from adaptkit.metrics import ALEXNET_CLEAN_ERR, ALEXNET_IMAGENET_C_ERR, mce, relative_mce
+
+__all__ = ["markdown", "score_key", "summarize", "write_report"]
 
 
 def _point_key(row: dict[str, Any], sweep_keys: list[str]) -> tuple[Any, ...]:
     return tuple(row.get(k) for k in sweep_keys)
-
-
-def score_key(task: str) -> tuple[str, str]:
-    """The row key and axis label of a task's score: accuracy for classification, mIoU for segmentation."""
-    return ("miou", "mIoU (%)") if task == "segmentation" else ("accuracy", "accuracy (%)")
 
 
 def summarize(
