@@ -306,3 +306,25 @@ def test_refresh_follows_each_layers_momentum_rule(momentum: float | None) -> No
     for k, v in ref[4].state_dict().items():
         torch.testing.assert_close(refreshed[k], v, rtol=1e-5, atol=1e-6, msg=k)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_forward_failing_in_the_first_step_writes_nothing(method: str) -> None:
+    """An exception from the model's forward in the first adaptation step (here: right after bn1, which the
+    aux-head methods run in training form, so its running statistics were just written) leaves the wrapped model
+    exactly as before the batch: the wrapper can go on with the next batch as if the failed one never came."""
+    model = get_model("tiny_cnn")
+    kw = {"layer": "conv2"} if method in AUX else {}  # tapped above bn1: bn1 runs in the adaptation forward
+    w = wrap(method, model, episodic=False, **kw)
+    w(batch(0))
+    snap = snapshot_model(model)
+
+    def boom(module: nn.Module, inputs: Any, output: Any) -> None:
+        raise UserError(5, "after bn1")
+
+    handle = model.bn1.register_forward_hook(boom)
+    with pytest.raises(UserError):
+        w(batch(1))
+    handle.remove()
+    assert_model_unchanged(model, snap)
+    w.restore()
