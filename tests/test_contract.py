@@ -325,13 +325,13 @@ def test_restore_when_with_body_raises(case: tuple[str, str, nn.Module]) -> None
 def test_restore_when_forward_raises(case: tuple[str, str, nn.Module]) -> None:
     method, _, model = case
     snap = snapshot_model(model)
-    wrong = torch.randn(BATCH, 5, SIZE, SIZE)  # wrong channel count: the model's own forward raises
-    with pytest.raises(RuntimeError), wrap(method, model) as m:
+    wrong = torch.randn(BATCH, 5, SIZE, SIZE)  # wrong channel count: with the checks off, the model's forward raises
+    with pytest.raises(RuntimeError), wrap(method, model, check_inputs=False) as m:
         m(batch(0))
         m(wrong)
     assert_model_unchanged(model, snap)
     # without the context manager: the wrapper survives a failed forward and still restores cleanly
-    w = wrap(method, model)
+    w = wrap(method, model, check_inputs=False)
     with pytest.raises(RuntimeError):
         w(wrong)
     w(batch(0))
