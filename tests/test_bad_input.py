@@ -133,21 +133,23 @@ def _batches(draw: Any) -> torch.Tensor:
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(x=_batches())
 def test_random_batches_either_adapt_or_raise_cleanly(method: str, x: torch.Tensor) -> None:
-    """Any tensor: either a finite prediction, or a ValueError / TypeError with the model bitwise unchanged (after
-    restore in all cases). No other exception type, no silent NaN in the model."""
+    """Any tensor: a finite prediction; or adaptkit's ValueError / TypeError with the model bitwise unchanged; or,
+    for a plausible image batch, the model's own error with adaptkit's note. Bitwise restore in every case; no
+    other exception type, no silent NaN in the model."""
     model = get_model("tiny_cnn")
     pristine = snapshot_model(model)
     w = wrap(method, model, episodic=False)
     snap = snapshot_model(model)
     try:
         out = w(x)
-    except (ValueError, TypeError) as e:  # refused by adaptkit's checks, before the model ran
-        assert str(e).startswith("adaptkit"), e
-        assert_model_unchanged(model, snap)
-    except RuntimeError as e:  # the model's own error for a shape it cannot take (e.g. too small for its layers)
-        assert x.dim() == 4 and x.shape[1] == 3 and x.numel() > 0 and x.is_floating_point(), e
-        assert any("adaptkit" in n for n in getattr(e, "__notes__", [])), e
-        assert_model_unchanged(model, snap)  # what its forward wrote before failing is undone
+    except (ValueError, TypeError, RuntimeError) as e:
+        if str(e).startswith("adaptkit"):  # refused by adaptkit's checks, before the model ran
+            assert isinstance(e, (ValueError, TypeError)), e
+            assert_model_unchanged(model, snap)
+        else:  # the model's own error for a batch it cannot take (too small for its layers, one value per channel)
+            assert x.dim() == 4 and x.shape[1] == 3 and x.numel() > 0 and x.is_floating_point(), e
+            assert any("adaptkit" in n for n in getattr(e, "__notes__", [])), e
+            # an error after the first step keeps the steps taken (documented); restore() below undoes them
     else:
         assert x.dim() == 4 and x.shape[1] == 3 and x.is_floating_point() and x.shape[0] > 0
         assert bool(torch.isfinite(adaptkit.core.get_logits(out)).all()) or x.dtype == torch.float16

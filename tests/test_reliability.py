@@ -328,3 +328,83 @@ def test_forward_failing_in_the_first_step_writes_nothing(method: str) -> None:
     handle.remove()
     assert_model_unchanged(model, snap)
     w.restore()
+
+
+# ------------------------------------------------------------------------------------------------ review findings
+class FrozenStem(nn.Module):
+    """A model whose ``train()`` re-freezes its stem (mmdet ``frozen_stages`` style) and that expands grey batches
+    to RGB itself; its root forward-pre-hook calls are counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 5)
+        self.calls = 0
+        self.register_forward_pre_hook(lambda m, i: setattr(m, "calls", m.calls + 1))
+
+    def train(self, mode: bool = True) -> FrozenStem:
+        super().train(mode)
+        for p in [*self.conv1.parameters(), *self.bn1.parameters()]:
+            p.requires_grad = False
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def _frozen_stem() -> FrozenStem:
+    torch.manual_seed(0)
+    m = FrozenStem()
+    nn.Module.train(m, False)  # eval without running the override
+    for p in m.parameters():
+        p.requires_grad_(True)
+    return m
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_train_override_of_the_model_is_never_called(method: str) -> None:
+    """Wrapping, checking inputs and adapting never call the model's train()/eval() (an override may change
+    requires_grad), run no extra forward, and accept what the model itself accepts (grey batches it expands)."""
+    model = _frozen_stem()
+    snap = snapshot_model(model)
+    if method in AUX:
+        g = torch.Generator().manual_seed(7)
+        data = [torch.randn(BATCH, 3, 16, 16, generator=g) for _ in range(2)]
+        head = AUX[method].train_head(copy.deepcopy(model), "conv2", data, epochs=1, progress=False)
+        w = AUX[method](model, layer="conv2", head=head, **METHOD_KWARGS.get(method, {}))
+    else:
+        w = wrap(method, model, include=None) if method != "ocl" else wrap(method, model)
+    assert all(p.requires_grad for p in dict(w.named_adapted_parameters()).values())
+    calls = model.calls
+    w(torch.randn(BATCH, 3, 16, 16))
+    expected = model.calls - calls
+    w(torch.randn(BATCH, 3, 16, 16))
+    assert model.calls - calls == 2 * expected  # the first batch runs no extra (probe) forward
+    if not w.transforms_input:
+        w(torch.randn(BATCH, 1, 16, 16))  # the model expands grey batches itself: not second-guessed
+    assert all(p.requires_grad for p in dict(w.named_adapted_parameters()).values())
+    w.restore()
+    snap.scalars[""]["calls"] = model.calls
+    assert_model_unchanged(model, snap)
+
+
+def test_a_note_never_replaces_the_users_exception() -> None:
+    class TupleNotes(Exception):
+        __notes__ = ("from my library",)
+
+    model = get_model("tiny_cnn")
+    w = wrap("tent", model)
+
+    def boom(module: nn.Module, inputs: Any) -> None:
+        raise TupleNotes("x")
+
+    handle = model.fc2.register_forward_pre_hook(boom)
+    with pytest.raises(TupleNotes):
+        w(batch(0))
+    handle.remove()
+    w.restore()

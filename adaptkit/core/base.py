@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from collections.abc import Iterator
@@ -60,7 +61,8 @@ def add_note(exc: BaseException, note: str) -> None:
         (['while adapting'], 'KeyError')
     """
     if hasattr(exc, "add_note"):
-        exc.add_note(note)
+        with contextlib.suppress(TypeError):  # __notes__ made a non-list by the exception's class: leave it
+            exc.add_note(note)
         return
     notes = getattr(exc, "__notes__", None)
     if not isinstance(notes, list):
@@ -110,6 +112,9 @@ class TTAMethod(nn.Module):
     name: ClassVar[str] = ""
     uses_grad: ClassVar[bool] = False
     default_episodic: ClassVar[bool] = False
+    #: the method feeds the model transformed copies of the batch (rotations, flips, augmentations): rank and
+    #: channels are then checked against the model's stem up front, before any transform runs
+    transforms_input: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, *, episodic: bool | None = None, check_inputs: bool = True) -> None:
         super().__init__()
@@ -138,6 +143,7 @@ class TTAMethod(nn.Module):
         self.check_inputs = check_inputs
         self.steps = int(getattr(self, "steps", 1))
         self.hooks = HookManager()
+        self._guard_hooks = HookManager()  # the input guard's stem check (kept apart from the method's hooks)
         self.optimizer: torch.optim.Optimizer | None = None
         self._restored = False
         self._warned: set[str] = set()
@@ -213,9 +219,12 @@ class TTAMethod(nn.Module):
             self._assert_modes()
             self.configure()
             self._guard = InputGuard(inner, self._who(), data_parallel=isinstance(self.model, nn.DataParallel))
+            if self.check_inputs:
+                self._guard.watch(self._guard_hooks)
             setattr(inner, _TAG, self.name or type(self).__name__)
         except BaseException:
             self.hooks.remove_all()
+            self._guard_hooks.remove_all()
             self._snapshot.restore()
             self._give_back_grads()
             if hasattr(inner, _TAG):
@@ -239,7 +248,9 @@ class TTAMethod(nn.Module):
         """Adapt on ``x`` as the method defines and return predictions (same type as the model's output)."""
         self._check_alive()
         if self.check_inputs:
-            self._guard.check(x)  # dtype and device, then non-empty and finite, then rank and channels
+            self._guard.check(x)  # dtype and device, then non-empty and finite (rank and channels: at the stem)
+            if self.transforms_input and isinstance(x, torch.Tensor):
+                self._guard.check_shape(x)
         if self.uses_grad and torch.is_inference_mode_enabled():
             if not isinstance(x, torch.Tensor):
                 raise RuntimeError(
@@ -344,6 +355,7 @@ class TTAMethod(nn.Module):
         self._restored = True
         try:
             self.hooks.remove_all()
+            self._guard_hooks.remove_all()
         finally:
             self._snapshot.restore()
             self._give_back_grads()

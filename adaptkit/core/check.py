@@ -51,44 +51,39 @@ _INT_HINT = (
 )
 
 
-class _Reached(Exception):
-    """Raised by the stem probe's pre-hook: the stem was reached; carries whether it got the batch itself."""
-
-    def __init__(self, same: bool) -> None:
-        super().__init__("adaptkit stem probe")
-        self.same = same
-
-
 class InputGuard:
-    """Checks a test batch against what the model can take, before the model runs on it, with messages that say
-    what to do. Built once per wrapper from the unwrapped model:
+    """Checks a test batch against what the model can take, with messages that say what to do. Built once per
+    wrapper from the unwrapped model:
 
-    * **dtype**: integer / bool images are refused (``TypeError``), unless the model holds an embedding layer
-      (token inputs);
-    * **device**: a model whose parameters and buffers all live on one device refuses a batch on another
-      (``ValueError``); skipped for ``nn.DataParallel``, which scatters its input itself;
-    * **rank and channels** (``ValueError``): when the model's first parameterised module (in registration
-      order) is a convolution, the first batch is sent through a probe forward that stops as soon as that
-      convolution is reached (every module in eval mode, no gradients; nothing is computed past the stem's
-      input). If the convolution receives the batch tensor itself it is the model's stem, and every batch is
-      checked up front against its rank (``N + 2`` for ``ConvNd``) and ``in_channels``; otherwise (a model
-      that transforms its input first) the shape is left to the model.
+    * **dtype** (up front): integer / bool images are refused (``TypeError``), unless the model holds an embedding
+      layer (token inputs); a model that converts integer images itself is used with ``check_inputs=False``;
+    * **device** (up front): a model whose parameters and buffers all live on one device refuses a batch on
+      another (``ValueError``); skipped for ``nn.DataParallel``, which scatters its input itself;
+    * **rank and channels** (at the stem): when the model's first parameterised module (in registration order) is
+      a convolution, a pre-hook on the model records the tensor each forward is called with and a pre-hook on
+      that convolution checks it - only when the convolution receives that very tensor (it is then the model's
+      stem) - against the convolution's rank (``N + 2`` for ``ConvNd``) and ``in_channels`` (``ValueError``). A
+      model that transforms its input first (e.g. expands grey images to RGB, flattens clips) is never second-
+      guessed, and no extra forward is run. For the usual stem-first model the error is raised before any layer
+      has run on the batch.
 
     Args:
         model: the unwrapped model.
         who: the wrapper's name, for the messages.
-        data_parallel: the wrapped model is an ``nn.DataParallel`` (no device check, no stem probe).
+        data_parallel: the wrapped model is an ``nn.DataParallel`` (no device check, no stem watch).
 
     Example:
         >>> import torch, torch.nn as nn
+        >>> from adaptkit.core import HookManager
         >>> from adaptkit.core.check import InputGuard
-        >>> guard = InputGuard(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), "demo")
-        >>> guard.check(torch.zeros(2, 3, 8, 8))
+        >>> net, hooks = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval(), HookManager()
+        >>> InputGuard(net, "demo").watch(hooks)
         >>> try:
-        ...     guard.check(torch.zeros(2, 1, 8, 8))
+        ...     net(torch.zeros(2, 1, 8, 8))
         ... except ValueError as e:
         ...     print(str(e)[:56])
         demo: the model's first Conv2d takes 3 channels, the bat
+        >>> hooks.remove_all()
     """
 
     def __init__(self, model: torch.nn.Module, who: str, data_parallel: bool = False) -> None:
@@ -101,68 +96,51 @@ class InputGuard:
         self.device = next(iter(devices)) if len(devices) == 1 and not data_parallel else None
         self.stem: nn.Module | None = None
         self.rank = self.channels = 0
-        #: ``None`` until the first batch's probe; then whether the first convolution is the model's stem
-        self.confirmed: bool | None = None
+        self._entry: Any = None  # the tensor the current forward of the model was called with
         if not data_parallel:
             first = next((m for m in model.modules() if any(True for _ in m.parameters(recurse=False))), None)
             if isinstance(first, nn.modules.conv._ConvNd) and not isinstance(first, nn.modules.lazy.LazyModuleMixin):
                 self.stem = first
                 self.rank = len(first.kernel_size) + 2
                 self.channels = int(first.in_channels)
-        if self.stem is None:
-            self.confirmed = False
 
     def check(self, x: Any) -> None:
-        """Raise before the model runs if ``x`` cannot be a batch for this model: :meth:`check_type`, then
-        :func:`check_batch` (non-empty, finite), then :meth:`check_shape`."""
-        self.check_type(x)
-        check_batch(x, self.who)
-        self.check_shape(x)
-
-    def check_type(self, x: Any) -> None:
-        """dtype and device (cheap; run first, so that no value of a batch on another device is read)."""
+        """Up-front checks of a batch before the model runs: dtype and device, then :func:`check_batch`
+        (non-empty, finite). Rank and channels are checked at the stem (:meth:`watch`)."""
         if not isinstance(x, torch.Tensor):
             return
         if not (x.is_floating_point() or x.is_complex()) and not self.allow_int:
-            raise TypeError(f"{self.who}: got a batch of dtype {x.dtype} images; {_INT_HINT}")
+            raise TypeError(
+                f"{self.who}: got a batch of dtype {x.dtype} images; {_INT_HINT} (a model that converts integer "
+                "input itself: wrap it with check_inputs=False)"
+            )
         if self.device is not None and x.device != self.device:
             raise ValueError(
                 f"{self.who}: the batch is on {x.device} but the model is on {self.device}; move it first "
                 f"(x = x.to('{self.device}'))"
             )
+        check_batch(x, self.who)
 
-    def check_shape(self, x: Any) -> None:
-        """Rank and channels against the model's stem (probed on the first batch)."""
-        if not isinstance(x, torch.Tensor) or self.stem is None:
+    def watch(self, hooks: Any) -> None:
+        """Register the stem check on ``hooks`` (a :class:`~adaptkit.core.HookManager`): two pre-hooks, no
+        extra forward."""
+        if self.stem is None or self.stem is self.model:
             return
-        if self.confirmed is None:
-            self.confirmed = self._probe(x)
-        if self.confirmed:
-            self._check_shape(x)
+        hooks.forward_pre(self.model, self._enter)
+        hooks.forward_pre(self.stem, self._at_stem)
 
-    def _probe(self, x: torch.Tensor) -> bool:
-        assert self.stem is not None
+    def _enter(self, module: torch.nn.Module, inputs: tuple[Any, ...]) -> None:
+        self._entry = inputs[0] if inputs else None
 
-        def reached(module: torch.nn.Module, inputs: tuple[Any, ...]) -> None:
-            raise _Reached(bool(inputs) and inputs[0] is x)
+    def _at_stem(self, module: torch.nn.Module, inputs: tuple[Any, ...]) -> None:
+        entry, self._entry = self._entry, None
+        if entry is not None and inputs and inputs[0] is entry:
+            self.check_shape(entry)
 
-        flags = {m: m.training for m in self.model.modules()}
-        handle = self.stem.register_forward_pre_hook(reached)
-        try:
-            self.model.eval()
-            with torch.no_grad():
-                self.model(x)
-        except _Reached as stop:
-            return stop.same
-        except Exception:
-            return False  # the model transforms or refuses the input before its first convolution: its business
-        finally:
-            handle.remove()
-            for m, flag in flags.items():
-                m.training = flag
-        return False
-
-    def _check_shape(self, x: torch.Tensor) -> None:
+    def check_shape(self, x: torch.Tensor) -> None:
+        """Raise if ``x`` cannot be the stem's input (rank, channels)."""
+        if self.stem is None:
+            return
         if x.dim() != self.rank:
             hint = " (a single image? add the batch dimension with x.unsqueeze(0))" if x.dim() == self.rank - 1 else ""
             raise ValueError(
@@ -170,8 +148,13 @@ class InputGuard:
                 f"{type(self.stem).__name__}, got shape {tuple(x.shape)}{hint}"
             )
         if x.shape[1] != self.channels:
+            hint = "channels go on axis 1"
+            if self.rank == 4:
+                hint += (
+                    " (e.g. x.permute(0, 3, 1, 2) for channels-last images, x.expand(-1, 3, -1, -1) for grey images "
+                    "on an RGB model)"
+                )
             raise ValueError(
                 f"{self.who}: the model's first {type(self.stem).__name__} takes {self.channels} channels, the batch "
-                f"has {x.shape[1]} (shape {tuple(x.shape)}); channels go on axis 1 (e.g. x.permute(0, 3, 1, 2) for "
-                "channels-last images, x.expand(-1, 3, -1, -1) for grey images on an RGB model)"
+                f"has {x.shape[1]} (shape {tuple(x.shape)}); {hint}"
             )

@@ -102,6 +102,7 @@ class AuxHeadMethod(TTAMethod):
     """
 
     uses_grad = True
+    transforms_input = True
     default_episodic = True
     head_class: ClassVar[type[AuxHead]] = AuxHead
     #: the head's own parameters are adapted too (TTT updates its SSL head; NC-TTT does not). Either way the
@@ -177,7 +178,8 @@ class AuxHeadMethod(TTAMethod):
             return list(dict.fromkeys(n for r in sorted(regs, key=len) for n in r))
         dev = next((p.device for p in self.inner.parameters()), torch.device("cpu"))
         flags = {m: m.training for m in self.inner.modules()}
-        self.inner.eval()
+        for m in flags:  # not .eval(): a user's train() override (e.g. frozen stages) must not run
+            m.training = False
         try:
             example = torch.zeros((2, *shape), device=dev)
             names, feats = probe_upstream(self.inner, layers, example)

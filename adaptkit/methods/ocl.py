@@ -73,6 +73,7 @@ class OCL(TTAMethod):
 
     name = "ocl"
     uses_grad = True
+    transforms_input = True
     default_episodic = False
 
     def __init__(
