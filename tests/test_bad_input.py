@@ -172,3 +172,15 @@ def test_adaptation_state_of_another_model_is_refused_before_loading(method: str
         w.load_adaptation_state_dict(bad)
     assert_model_unchanged(model, snap)
     w.restore()
+
+
+def test_the_bare_model_keeps_torchs_own_errors_while_wrapped() -> None:
+    """The stem check acts only inside the wrapper's forward: the user's own call of the wrapped model with a bad
+    batch raises what torch raises, not adaptkit's ValueError."""
+    model = get_model("tiny_cnn")
+    w = wrap("bn_adapt", model)
+    with pytest.raises(RuntimeError):
+        model(torch.randn(BATCH, 5, SIZE, SIZE))
+    with pytest.raises(ValueError, match="takes 3 channels"):
+        w(torch.randn(BATCH, 5, SIZE, SIZE))
+    w.restore()

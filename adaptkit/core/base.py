@@ -258,8 +258,17 @@ class TTAMethod(nn.Module):
                     "torch.no_grad() instead"
                 )
             with torch.inference_mode(False):
-                return self._run(x.clone())
-        return self._run(x)
+                x = x.clone()
+                return self._guarded_run(x)
+        return self._guarded_run(x)
+
+    def _guarded_run(self, x: Any) -> Any:
+        self._guard.active = self.check_inputs
+        try:
+            return self._run(x)
+        finally:
+            self._guard.active = False
+            self._guard._entry = None
 
     def _run(self, x: Any) -> Any:
         if self.episodic:

@@ -77,7 +77,8 @@ class InputGuard:
         >>> from adaptkit.core import HookManager
         >>> from adaptkit.core.check import InputGuard
         >>> net, hooks = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval(), HookManager()
-        >>> InputGuard(net, "demo").watch(hooks)
+        >>> guard = InputGuard(net, "demo")
+        >>> guard.watch(hooks); guard.active = True  # the wrapper sets it around its own forward
         >>> try:
         ...     net(torch.zeros(2, 1, 8, 8))
         ... except ValueError as e:
@@ -97,6 +98,9 @@ class InputGuard:
         self.stem: nn.Module | None = None
         self.rank = self.channels = 0
         self._entry: Any = None  # the tensor the current forward of the model was called with
+        #: the stem check acts only while set (the wrapper's own forward): a forward of the bare model by the user,
+        #: while it is wrapped, keeps torch's own errors
+        self.active = False
         if not data_parallel:
             first = next((m for m in model.modules() if any(True for _ in m.parameters(recurse=False))), None)
             if isinstance(first, nn.modules.conv._ConvNd) and not isinstance(first, nn.modules.lazy.LazyModuleMixin):
@@ -130,7 +134,7 @@ class InputGuard:
         hooks.forward_pre(self.stem, self._at_stem)
 
     def _enter(self, module: torch.nn.Module, inputs: tuple[Any, ...]) -> None:
-        self._entry = inputs[0] if inputs else None
+        self._entry = inputs[0] if inputs and self.active else None
 
     def _at_stem(self, module: torch.nn.Module, inputs: tuple[Any, ...]) -> None:
         entry, self._entry = self._entry, None
