@@ -293,9 +293,15 @@ class TTAMethod(nn.Module):
         return _detach(out)
 
     def _volatile_names(self) -> list[str]:
-        """Buffers a forward itself writes: those of targeted modules that run in training mode."""
+        """Buffers a forward itself writes: those of targeted modules that run in training mode (norm layers only
+        when they track running statistics: Tent's batch-statistic BatchNorm writes nothing)."""
         if not hasattr(self, "_volatile"):
-            training = set(self.train_modules())
+            modules = dict(self.inner.named_modules())
+            training = {
+                n
+                for n in self.train_modules()
+                if n in modules and getattr(modules[n], "track_running_stats", True) is not False
+            }
             params = set(self._named_trainable())
             self._volatile = [
                 n for n in self._snapshot.tensors if n.rpartition(".")[0] in training and n not in params
