@@ -218,6 +218,7 @@ class TTAMethod(nn.Module):
             self._modes = [(m, n in training) for n, m in inner.named_modules()]
             self._assert_modes()
             self.configure()
+            self._volatile = self._volatile_names()
             self._guard = InputGuard(inner, self._who(), data_parallel=isinstance(self.model, nn.DataParallel))
             if self.check_inputs:
                 self._guard.watch(self._guard_hooks)
@@ -267,8 +268,7 @@ class TTAMethod(nn.Module):
         try:
             return self._run(x)
         finally:
-            self._guard.active = False
-            self._guard._entry = None
+            self._guard.deactivate()
 
     def _run(self, x: Any) -> Any:
         if self.episodic:
@@ -294,26 +294,22 @@ class TTAMethod(nn.Module):
 
     def _volatile_names(self) -> list[str]:
         """Buffers a forward itself writes: those of targeted modules that run in training mode (norm layers only
-        when they track running statistics: Tent's batch-statistic BatchNorm writes nothing)."""
-        if not hasattr(self, "_volatile"):
-            modules = dict(self.inner.named_modules())
-            training = {
-                n
-                for n in self.train_modules()
-                if n in modules and getattr(modules[n], "track_running_stats", True) is not False
-            }
-            params = set(self._named_trainable())
-            self._volatile = [
-                n for n in self._snapshot.tensors if n.rpartition(".")[0] in training and n not in params
-            ]
-        return self._volatile
+        when they track running statistics: Tent's batch-statistic BatchNorm writes nothing). Called once, after
+        :meth:`configure` set the norm hyper-parameters."""
+        modules = dict(self.inner.named_modules())
+        training = {
+            n
+            for n in self.train_modules()
+            if n in modules and getattr(modules[n], "track_running_stats", True) is not False
+        }
+        params = set(self._named_trainable())
+        return [n for n in self._snapshot.tensors if n.rpartition(".")[0] in training and n not in params]
 
     def _save_volatile(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-        names = self._volatile_names()
-        if not names:
+        if not self._volatile:
             return None
         live = Snapshot._live(self.inner)
-        return [(live[n], live[n].detach().clone()) for n in names]
+        return [(live[n], live[n].detach().clone()) for n in self._volatile]
 
     @staticmethod
     def _restore_volatile(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:

@@ -133,6 +133,11 @@ class InputGuard:
         hooks.forward_pre(self.model, self._enter)
         hooks.forward_pre(self.stem, self._at_stem)
 
+    def deactivate(self) -> None:
+        """End of the wrapper's forward: the stem check stops acting and no batch reference is kept."""
+        self.active = False
+        self._entry = None
+
     def _enter(self, module: torch.nn.Module, inputs: tuple[Any, ...]) -> None:
         self._entry = inputs[0] if inputs and self.active else None
 

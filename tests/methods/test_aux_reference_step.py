@@ -92,6 +92,18 @@ def upstream(m: nn.Module) -> tuple[list[str], list[nn.Parameter]]:
     return [n for n, _ in named], [p for _, p in named]
 
 
+def fresh_adam(lr: float) -> Callable[[Sequence[nn.Parameter], Sequence[torch.Tensor]], None]:
+    """One step of a fresh ``torch.optim.Adam`` (default betas) on ``params`` with the given gradients."""
+
+    def step(params: Sequence[nn.Parameter], grads: Sequence[torch.Tensor]) -> None:
+        opt = torch.optim.Adam(params, lr=lr)
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+
+    return step
+
+
 def sgd_by_hand(params: Sequence[nn.Parameter], grads: Sequence[torch.Tensor], lr: float) -> None:
     """First SGD step (the momentum buffer starts as the gradient, so any momentum gives the same step)."""
     with torch.no_grad():
@@ -167,13 +179,7 @@ def test_ncttt_one_default_adam_step(nc_head: NCTTTHead) -> None:
     model, x, lr = make_model(), images(2), 1e-3
     src = state(model)
 
-    def adam(params: Sequence[nn.Parameter], grads: Sequence[torch.Tensor]) -> None:
-        opt = torch.optim.Adam(params, lr=lr)
-        for p, g in zip(params, grads):
-            p.grad = g
-        opt.step()
-
-    ref = ncttt_reference(model, nc_head, x, "refresh", adam)
+    ref = ncttt_reference(model, nc_head, x, "refresh", fresh_adam(lr))
     with NCTTT(model, "layer1", nc_head, lr=lr, steps=1) as w:
         w(x)
         check_step(model, src, ref, "refresh", min_move=0.5 * lr)
@@ -276,13 +282,7 @@ def test_clust3_one_default_adam_step(clu_head: ClusT3Head) -> None:
     model, x, lr = make_model(), images(5), 1e-3
     src = state(model)
 
-    def adam(params: Sequence[nn.Parameter], grads: Sequence[torch.Tensor]) -> None:
-        opt = torch.optim.Adam(params, lr=lr)
-        for p, g in zip(params, grads):
-            p.grad = g
-        opt.step()
-
-    ref = clust3_reference(model, clu_head, x, "refresh", adam)
+    ref = clust3_reference(model, clu_head, x, "refresh", fresh_adam(lr))
     with ClusT3(model, ["stem", "layer1"], clu_head, lr=lr, steps=1) as w:
         w(x)
         check_step(model, src, ref, "refresh", min_move=0.5 * lr)
