@@ -9,7 +9,7 @@ from adaptkit.functional.clust3 import (
     information_maximization_loss,
     information_maximization_terms,
 )
-from adaptkit.functional.entropy import softmax_entropy
+from adaptkit.functional.entropy import marginal_entropy, softmax_entropy
 from adaptkit.functional.moments import (
     Moments,
     batch_moments,
@@ -49,6 +49,7 @@ __all__ = [
     "information_maximization_loss",
     "information_maximization_terms",
     "mean_discrepancy",
+    "marginal_entropy",
     "merge_moments",
     "ncttt_discriminator_loss",
     "ncttt_log_odds",
