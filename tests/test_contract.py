@@ -103,6 +103,9 @@ METHODS = adaptkit.list_methods()
 
 #: methods that adapt BatchNorm statistics and so refuse models without BatchNorm layers (ValueError)
 NEEDS_BN = {"bn_adapt"}
+#: methods that work on a final ``nn.Linear`` classifier (penultimate features) and so refuse segmentation models
+#: (ValueError naming ``list_layers``)
+NEEDS_CLASSIFIER: set[str] = set()
 #: method -> factory(model, **overrides) for methods needing more than the model; default: cls(model, **kw)
 METHOD_FACTORIES: dict[str, Callable[..., adaptkit.TTAMethod]] = {}
 #: arguments used in the contract runs (small but visible updates)
@@ -178,6 +181,8 @@ def has_bn(model: nn.Module) -> bool:
 
 
 def applicable(method: str, model_name: str) -> bool:
+    if method in NEEDS_CLASSIFIER and model_name.startswith("seg_"):
+        return False  # dense predictors have no final nn.Linear classifier
     return method not in NEEDS_BN or model_name not in BN_FREE
 
 
