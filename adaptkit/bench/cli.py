@@ -53,6 +53,10 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--no-clean", action="store_true", help="skip the clean-data row")
     p.add_argument("--no-shift-score", action="store_true")
     p.add_argument(
+        "--no-costs", action="store_true",
+        help="skip the per-method tensor-memory measurement (two extra batches per method)",
+    )  # fmt: skip
+    p.add_argument(
         "--sweep", action="append", default=[], metavar="KEY=V1,V2",
         help="repeatable; e.g. --sweep bn_adapt.N=0,4,16,inf --sweep batch_size=1,8,32 --sweep severity=1,3,5",
     )  # fmt: skip
@@ -96,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
             corruptions=corruptions, severities=severities, protocol=args.protocol,
             batch_size=args.batch_size or (16 if seg else 64), n_samples=args.n_samples,
             dirichlet=args.dirichlet, seed=args.seed, device=args.device, amp=args.amp, clean=not args.no_clean,
-            shift_score=not args.no_shift_score, sweep=sweep, source_epochs=args.source_epochs,
+            shift_score=not args.no_shift_score, costs=not args.no_costs, sweep=sweep,
+            source_epochs=args.source_epochs,
             progress=not args.quiet, out_dir=args.out,
         )  # fmt: skip
         result = run_bench(cfg)

@@ -131,6 +131,7 @@ def markdown(result: Any) -> str:
         base = next((s.get("mce_baseline") for s in summaries if s.get("mce_baseline")), None)
         if base:
             lines += ["", f"mCE and relative mCE are normalised by the {base} model's errors (100 = {base})."]
+        lines += cost_lines(result)
     else:
         lines += [f"Sweep over {', '.join(sweep_keys)}: mean {name} (%) over the shifts of each point.", ""]
         lines.append("| method | " + " | ".join(sweep_keys) + f" | mean {name} | gain over source |")
@@ -141,6 +142,57 @@ def markdown(result: Any) -> str:
                 f"| {s['method']} | {keys} | {_fmt(s[f'mean_{key}'])} | {_fmt(s['gain_over_source'], True)} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def cost_table(result: Any) -> list[dict[str, Any]]:
+    """Per method: seconds per batch over the shifted domains and, with ``result.costs``, tensor memory; each as
+    a ratio to the plain forward (``source``) of the same run when it was run."""
+    per: dict[str, list[float]] = {}
+    bs = result.config.batch_size
+    for r in result.rows:
+        if r["domain"] == "clean":
+            continue
+        acc = per.setdefault(r["method"], [0.0, 0.0])
+        acc[0] += r["seconds"]
+        acc[1] += math.ceil(r["n"] / r.get("batch_size", bs))
+    costs = getattr(result, "costs", {}) or {}
+    src_t = per["source"][0] / per["source"][1] if "source" in per and per["source"][1] else None
+    src_m = costs.get("source", {}).get("peak_bytes")
+    out = []
+    for m, (sec, nb) in per.items():
+        t = sec / nb if nb else float("nan")
+        c = costs.get(m, {})
+        out.append({
+            "method": m, "seconds_per_batch": t, "time_ratio": t / src_t if src_t else None,
+            "peak_bytes": c.get("peak_bytes"),
+            "peak_ratio": c["peak_bytes"] / src_m if src_m and "peak_bytes" in c else None,
+            "state_ratio": c["state_bytes"] / c["model_bytes"] if c.get("model_bytes") else None,
+        })  # fmt: skip
+    return out
+
+
+def cost_lines(result: Any) -> list[str]:
+    """The report's cost table (markdown lines; empty when nothing was measured)."""
+    rows = cost_table(result)
+    if not rows:
+        return []
+    lines = [
+        "",
+        "Cost per batch: time = mean seconds per batch over the shifts (x the plain forward of `source` in this "
+        "run); peak = most tensor memory alive during one batch (x the plain forward); state = tensors the wrapper "
+        "keeps between batches (x the model's parameters and buffers). Memory is counted op by op "
+        "(`adaptkit.bench.memory.TensorMemory`), so it is the same on any machine.",
+        "",
+        "| method | s / batch | time (x forward) | peak memory MiB | peak (x forward) | state (x model) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        mib = r["peak_bytes"] / 2**20 if r["peak_bytes"] is not None else None
+        lines.append(
+            f"| {r['method']} | {r['seconds_per_batch']:.3f} | {_fmt(r['time_ratio'])} | {_fmt(mib)} | "
+            f"{_fmt(r['peak_ratio'])} | {_fmt(r['state_ratio'])} |"
+        )
+    return lines
 
 
 def write_report(result: Any, out_dir: str | Path) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import math
 import platform
@@ -66,6 +67,8 @@ class BenchConfig:
         seed: seeds corruptions, subsets, stream order and adaptation.
         sweep: ``{"bn_adapt.N": [0, 16], "batch_size": [8, 32], "severity": [1, 5]}``: the cartesian product
             of these values is run.
+        costs: measure each method's tensor memory on two extra batches of the first shift (see
+            :func:`measure_cost`; timing comes from the run itself).
     """
 
     model: str = "fmnist_resnet"
@@ -87,6 +90,7 @@ class BenchConfig:
     amp: bool = False
     clean: bool = True
     shift_score: bool = True
+    costs: bool = True
     sweep: dict[str, list[Any]] = field(default_factory=dict)
     source_epochs: int | None = None
     progress: bool = True
@@ -118,11 +122,13 @@ class BenchResult:
     env: dict[str, Any]
     out_dir: Path | None = None
     examples: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    #: ``{method label: {"peak_bytes", "state_bytes", "model_bytes"}}`` (see :func:`measure_cost`)
+    costs: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
         cfg = asdict(self.config)
-        return {"config": cfg, "env": self.env, "rows": self.rows, "shift": self.shift}
+        return {"config": cfg, "env": self.env, "rows": self.rows, "shift": self.shift, "costs": self.costs}
 
 
 def _env(config: BenchConfig) -> dict[str, Any]:
@@ -185,6 +191,24 @@ def _train_data(config: BenchConfig) -> tuple[torch.Tensor, torch.Tensor] | None
     if config.dataset == "synthetic":
         return synthetic_data(seed=config.seed)
     return None
+
+
+#: source images handed to methods that take in-distribution data (EATA's Fisher: 2,000 in the reference code)
+N_SOURCE = 2000
+
+
+def _source_batches(
+    config: BenchConfig, train_data: tuple[torch.Tensor, torch.Tensor] | None
+) -> list[torch.Tensor] | None:
+    """Unlabeled batches of source training images (a seeded subset of ``N_SOURCE``) for ``source_data_arg``."""
+    from adaptkit.data.datasets import subset
+
+    data = train_data if train_data is not None else _train_data(config)
+    if data is None:
+        return None
+    x, _ = subset(*data, N_SOURCE, config.seed + 1)
+    x = as_unit_float(x)
+    return [x[i : i + config.batch_size].to(config.device) for i in range(0, len(x), config.batch_size)]
 
 
 def build_model(config: BenchConfig) -> nn.Module:
@@ -293,6 +317,7 @@ def evaluate(
     batch_size: int,
     head: Any = None,
     examples: dict[str, dict[str, torch.Tensor]] | None = None,
+    source_batches: list[torch.Tensor] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run one method over a stream of ``domains``.
 
@@ -302,9 +327,7 @@ def evaluate(
     """
     device = torch.device(config.device)
     seg = config.task == "segmentation"
-    kwargs = {k: v for k, v in spec.overrides.items() if not k.startswith("head.")}
-    if head is not None:
-        kwargs["head"] = head
+    kwargs = _method_kwargs(spec, head, source_batches)
     wrapper = None if spec.name == "source" else adaptkit.adapt(model, spec.name, **kwargs)
     stats: dict[str, dict[str, Any]] = {}
     amp = (
@@ -351,6 +374,57 @@ def evaluate(
         if wrapper is not None:
             wrapper.restore()
     return stats
+
+
+def _method_kwargs(
+    spec: MethodSpec, head: Any = None, source_batches: list[torch.Tensor] | None = None
+) -> dict[str, Any]:
+    """Constructor arguments of a method spec: its overrides, the trained head and the source batches."""
+    kwargs = {k: v for k, v in spec.overrides.items() if not k.startswith("head.")}
+    if head is not None:
+        kwargs["head"] = head
+    arg = None if spec.name == "source" else adaptkit.get_method(spec.name).source_data_arg
+    if arg and arg not in kwargs and source_batches is not None:
+        kwargs[arg] = source_batches
+    return kwargs
+
+
+def measure_cost(
+    model: nn.Module,
+    spec: MethodSpec,
+    x: torch.Tensor,
+    head: Any = None,
+    source_batches: list[torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """Tensor memory of one method on batch ``x`` (:class:`~adaptkit.bench.memory.TensorMemory`, machine-free).
+
+    Wraps the model and runs ``x`` twice: ``state_bytes`` is what the wrapper still holds after the first batch
+    (snapshots, teachers and anchors, optimizer moments, memories, Fisher), ``peak_bytes`` the most tensor memory
+    alive at once during the second batch (activations kept for backward, augmented copies, gradients).
+    ``model_bytes`` is the size of the model's parameters and buffers. ``source``: a plain forward under no-grad.
+    """
+    from adaptkit.bench.memory import TensorMemory
+
+    model_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    wrapper = None
+    try:
+        with TensorMemory() as held:
+            if spec.name != "source":
+                wrapper = adaptkit.adapt(model, spec.name, **_method_kwargs(spec, head, source_batches))
+                out = wrapper(x)
+                del out
+        with TensorMemory() as peak:
+            if wrapper is None:
+                with torch.no_grad():
+                    out = model(x)
+            else:
+                out = wrapper(x)
+            del out
+    finally:
+        if wrapper is not None:
+            wrapper.restore()
+    gc.collect()
+    return {"peak_bytes": float(peak.peak), "state_bytes": float(held.current), "model_bytes": float(model_bytes)}
 
 
 def _score(s: dict[str, Any], seg: bool) -> dict[str, Any]:
@@ -405,6 +479,9 @@ def run_bench(
     examples: dict[str, dict[str, torch.Tensor]] = {}
     specs = [MethodSpec.parse(m) for m in config.methods]
     heads: dict[str, tuple[Any, nn.Module]] = {}
+    source_batches = None
+    if any(s.name != "source" and adaptkit.get_method(s.name).source_data_arg for s in specs):
+        source_batches = _source_batches(config, train_data)
     for spec in specs:
         if spec.name != "source" and needs_head(spec.name):
             if train_data is None:
@@ -423,7 +500,7 @@ def run_bench(
             head, used = heads.get(spec0.label, (None, model))
             for group in groups:
                 ex = examples if seg and not point else None
-                for dom, s in evaluate(used, spec, group, config, bs, head, ex).items():
+                for dom, s in evaluate(used, spec, group, config, bs, head, ex, source_batches).items():
                     d = next((x for x in group if x.name == dom), None)
                     rows.append({
                         "method": spec.label, "base_method": spec.name, "domain": dom,
@@ -431,12 +508,18 @@ def run_bench(
                         **_score(s, seg), "n": int(s["n"]), "batch_size": bs,
                         "seconds": s["seconds"], "protocol": config.protocol, **point,
                     })  # fmt: skip
+    costs: dict[str, dict[str, float]] = {}
+    if config.costs and domains and not config.sweep:
+        x0 = as_unit_float(domains[0].x[: config.batch_size]).to(config.device)
+        for spec in specs:
+            head, used = heads.get(spec.label, (None, model))
+            costs[spec.label] = measure_cost(used, spec, x0, head, source_batches)
     if seg:
         for d in [*domains, *([clean] if clean is not None else [])]:
             if d.name in examples:
                 examples[d.name]["image"] = d.x[:N_EXAMPLES]
                 examples[d.name]["target"] = d.y[:N_EXAMPLES]
-    result = BenchResult(config, rows, shift, _env(config), examples=examples)
+    result = BenchResult(config, rows, shift, _env(config), examples=examples, costs=costs)
     if write:
         from adaptkit.bench.report import write_report
 

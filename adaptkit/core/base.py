@@ -115,6 +115,9 @@ class TTAMethod(nn.Module):
     #: the method feeds the model transformed copies of the batch (rotations, flips, augmentations): rank and
     #: channels are then checked against the model's stem up front, before any transform runs
     transforms_input: ClassVar[bool] = False
+    #: the keyword argument of ``__init__`` that takes unlabeled in-distribution (source) batches, when the method
+    #: can use them (EATA's Fisher regulariser); ``adaptkit bench`` passes source training images there
+    source_data_arg: ClassVar[str | None] = None
 
     def __init__(self, model: nn.Module, *, episodic: bool | None = None, check_inputs: bool = True) -> None:
         super().__init__()
