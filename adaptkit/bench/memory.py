@@ -64,9 +64,19 @@ class TensorMemory(TorchDispatchMode):
             self.peak = max(self.peak, self.current)
         weakref.finalize(storage, self._free, key)
 
+    @staticmethod
+    def _key(t: torch.Tensor) -> int | None:
+        try:
+            return t.untyped_storage()._cdata
+        except (RuntimeError, NotImplementedError):
+            return None
+
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        # views and aliases of the inputs (``x.view``, a no-op ``x.to``) allocate nothing: skip their storages
+        inputs = {self._key(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and self._key(t) not in inputs:
                 self._track(t)
         return out

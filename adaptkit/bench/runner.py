@@ -413,6 +413,8 @@ def measure_cost(
                 wrapper = adaptkit.adapt(model, spec.name, **_method_kwargs(spec, head, source_batches))
                 out = wrapper(x)
                 del out
+        gc.collect()
+        state_bytes = held.current  # read now: restore() below frees the optimizer state
         with TensorMemory() as peak:
             if wrapper is None:
                 with torch.no_grad():
@@ -423,8 +425,7 @@ def measure_cost(
     finally:
         if wrapper is not None:
             wrapper.restore()
-    gc.collect()
-    return {"peak_bytes": float(peak.peak), "state_bytes": float(held.current), "model_bytes": float(model_bytes)}
+    return {"peak_bytes": float(peak.peak), "state_bytes": float(state_bytes), "model_bytes": float(model_bytes)}
 
 
 def _score(s: dict[str, Any], seg: bool) -> dict[str, Any]:

@@ -29,6 +29,9 @@ def test_tensor_memory_counts_allocations_and_frees() -> None:
         del b
         c = a + 1  # 1 KiB; peak 4 KiB
         del a
+        w = x.view(16, 16).to(torch.float32)  # views and no-op casts of an older tensor allocate nothing
+        x.add_(0)  # in place: nothing new
+    assert w.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
     assert mem.peak == 4096
     assert mem.current == 1024 + 2048  # c, and b's storage kept alive by the view
     del v
