@@ -54,8 +54,8 @@ def list_methods() -> list[str]:
 
     Example:
         >>> import adaptkit
-        >>> adaptkit.list_methods()
-        ['bn_adapt', 'clust3', 'ncttt', 'ocl', 'tent', 'ttt', 'ttt_pp']
+        >>> adaptkit.list_methods()[:4], len(adaptkit.list_methods()) >= 16
+        (['bn_adapt', 'clust3', 'cotta', 'eata'], True)
     """
     return sorted(_REGISTRY)
 

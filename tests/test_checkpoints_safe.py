@@ -95,6 +95,8 @@ KWARGS: dict[str, dict[str, Any]] = {
     "clust3": {"lr": 1e-3, "steps": 2},
     "ttt": {"lr": 1e-3, "steps": 2, "momentum": 0.9},
     "ttt_pp": {"lr": 1e-3},
+    # EATA's Fisher and anchor weights go into the adaptation state: give it source data so they exist
+    "eata": {"fisher_data": [torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(5))]},
 }
 
 

@@ -47,14 +47,19 @@ def model_copy(model: nn.Module, tag: str | None = None) -> nn.Module:
         >>> len(twin._forward_hooks), twin.weight.requires_grad, twin.weight is net.weight
         (0, False, False)
     """
-    twin = copy.deepcopy(model)
-    for m in twin.modules():
+    # each hook dict is replaced by an empty one *through the memo*, so deepcopy never visits the hooks: a hook
+    # that is a bound method would otherwise deep-copy its owner (a wrapper, and whatever it references)
+    memo: dict[int, Any] = {}
+    for m in model.modules():
         for attr in _HOOK_DICTS:
             d = getattr(m, attr, None)
             if isinstance(d, dict):
-                d.clear()
-        if tag is not None and tag in vars(m):
-            delattr(m, tag)
+                memo[id(d)] = type(d)()
+    twin = copy.deepcopy(model, memo)
+    if tag is not None:
+        for m in twin.modules():
+            if tag in vars(m):
+                delattr(m, tag)
     for p in twin.parameters():
         p.grad = None
         p.requires_grad_(False)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from adaptkit.functional.augment import simclr_augment
+from adaptkit.functional.augment import cotta_augment, simclr_augment
+from adaptkit.functional.augmix import augmix
 from adaptkit.functional.clust3 import (
     IMTerms,
     cluster_log_probs,
@@ -39,17 +40,19 @@ __all__ = [
     "IMTerms",
     "Moments",
     "OCLTerms",
+    "augmix",
     "batch_moments",
     "bn_prior_mix",
     "class_directions",
     "cluster_log_probs",
     "coral_loss",
+    "cotta_augment",
     "feature_moments",
     "gaussian_w2",
     "information_maximization_loss",
     "information_maximization_terms",
-    "mean_discrepancy",
     "marginal_entropy",
+    "mean_discrepancy",
     "merge_moments",
     "ncttt_discriminator_loss",
     "ncttt_log_odds",

@@ -329,3 +329,251 @@ def simclr_augment(
         out = random_hflip(out, generator, flip_p)
         out = color_jitter(out, generator, *jitter, p=jitter_p, value_range=vr)
         return random_grayscale(out, generator, grayscale_p)
+
+
+#: the "soft" variant of CoTTA's augmentation (``get_tta_transforms(soft=True)`` in the official code), to pass as
+#: ``cotta_augment(x, g, **COTTA_SOFT_AUGMENT)``
+COTTA_SOFT_AUGMENT: dict[str, tuple[float, float]] = {
+    "brightness": (0.8, 1.2),
+    "contrast": (0.85, 1.15),
+    "saturation": (0.75, 1.25),
+    "hue": (-0.03, 0.03),
+    "gamma": (0.85, 1.15),
+    "degrees": (-8.0, 8.0),
+    "scale": (0.95, 1.05),
+    "blur_sigma": (0.001, 0.25),
+}
+
+
+def _draws(n: int, generator: torch.Generator | None) -> list[float]:
+    """``n`` uniform ``[0, 1)`` floats from ``generator`` (the global CPU generator when ``None``)."""
+    if generator is None:
+        return torch.rand(n, dtype=torch.float64).tolist()
+    return torch.rand(n, generator=generator, device=generator.device, dtype=torch.float64).tolist()
+
+
+def _uniform(u: float, bounds: Sequence[float]) -> float:
+    return float(bounds[0]) + (float(bounds[1]) - float(bounds[0])) * u
+
+
+def _check_pair(name: str, bounds: Sequence[float], low: float | None = None) -> None:
+    if len(bounds) != 2 or not float(bounds[0]) <= float(bounds[1]):
+        raise ValueError(f"cotta_augment: {name} must be (low, high) with low <= high, got {bounds!r}")
+    if low is not None and float(bounds[0]) < low:
+        raise ValueError(f"cotta_augment: {name} must be >= {low}, got {bounds!r}")
+
+
+def _cotta_colour(img: torch.Tensor, op: int, f: float) -> torch.Tensor:
+    """One of CoTTA's ``ColorJitterPro`` ops on ``[0, 1]`` images with torchvision's float formulas:
+    0 brightness, 1 contrast, 2 saturation, 3 hue, 4 gamma (after the official ``clamp(1e-8, 1)``)."""
+    c = img.shape[1]
+    if op == 0:
+        return (img * f).clamp(0.0, 1.0)
+    if op == 1:
+        gray = rgb_to_gray(img) if c == 3 else img
+        mean = gray.mean(dim=(1, 2, 3), keepdim=True)
+        return (f * img + (1.0 - f) * mean).clamp(0.0, 1.0)
+    if op == 2:
+        if c != 3:
+            return img
+        return (f * img + (1.0 - f) * rgb_to_gray(img)).clamp(0.0, 1.0)
+    if op == 3:
+        if c != 3:
+            return img
+        return _shift_hue(img, f)
+    return img.clamp(1e-8, 1.0).pow(f)
+
+
+def _shift_hue(x: torch.Tensor, shift: float) -> torch.Tensor:
+    """Hue rotation of RGB images by one ``shift`` for the batch: :func:`adjust_hue`'s hue, then the closed-form
+    HSV-to-RGB ``v - c * clamp(min(k, 4 - k), 0, 1)``, ``k = (n + 6h) mod 6``, ``n = 5, 3, 1`` (no gather)."""
+    r, g, b = x.unbind(dim=1)
+    maxc = x.amax(dim=1)
+    cr = maxc - x.amin(dim=1)
+    div = torch.where(cr == 0, torch.ones_like(cr), cr)
+    rc, gc, bc = (maxc - r) / div, (maxc - g) / div, (maxc - b) / div
+    is_r = maxc == r
+    is_g = (maxc == g) & ~is_r
+    h = torch.where(is_r, bc - gc, torch.where(is_g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h6 = torch.remainder(torch.fmod(h / 6.0 + 1.0, 1.0) + shift, 1.0) * 6.0
+    out = []
+    for n in (5.0, 3.0, 1.0):
+        k = torch.remainder(n + h6, 6.0)
+        out.append(maxc - cr * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0))
+    return torch.stack(out, dim=1)
+
+
+def _affine_theta(
+    angle: float, tx: float, ty: float, scale: float, height: int, width: int
+) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """``affine_grid`` matrix (normalised coordinates, ``align_corners=False``) of torchvision's tensor
+    ``affine(img, angle, [tx, ty], scale, shear=0)`` about the image centre (its inverse matrix, rescaled)."""
+    rot = math.radians(angle)
+    a, b, c, d = math.cos(rot), -math.sin(rot), math.sin(rot), math.cos(rot)
+    m = [d / scale, -b / scale, 0.0, -c / scale, a / scale, 0.0]  # inverse rotation-scale, pixel units
+    m[2] -= m[0] * tx + m[1] * ty
+    m[5] -= m[3] * tx + m[4] * ty
+    return (
+        (m[0], m[1] * height / width, 2.0 * m[2] / width),
+        (m[3] * width / height, m[4], 2.0 * m[5] / height),
+    )
+
+
+def cotta_augment(
+    x: torch.Tensor,
+    generator: torch.Generator | None = None,
+    *,
+    brightness: Sequence[float] = (0.6, 1.4),
+    contrast: Sequence[float] = (0.7, 1.3),
+    saturation: Sequence[float] = (0.5, 1.5),
+    hue: Sequence[float] = (-0.06, 0.06),
+    gamma: Sequence[float] = (0.7, 1.3),
+    degrees: Sequence[float] = (-15.0, 15.0),
+    translate: float = 1.0 / 16.0,
+    scale: Sequence[float] = (0.9, 1.1),
+    blur_kernel: int = 5,
+    blur_sigma: Sequence[float] = (0.001, 0.5),
+    flip_p: float = 0.5,
+    noise_std: float = 0.005,
+    value_range: Sequence[float] = (0.0, 1.0),
+) -> torch.Tensor:
+    """CoTTA's strong test-time augmentation (also RoTTA's), on a batch of image tensors.
+
+    The official ``get_tta_transforms()`` (qinenergy/cotta ``cifar/cotta.py``, ``my_transforms.py``) applied to a
+    batch tensor, so **one parameter draw per call is shared by the whole batch** (as there); only the noise is
+    per pixel. In order:
+
+    1. clip to ``[0, 1]``;
+    2. ``ColorJitterPro``: brightness ``x*b``, contrast (blend with the per-image mean luma), saturation (blend
+       with the luma image), hue (HSV rotation), gamma ``clamp(x, 1e-8, 1) ** g``, in a random order, each factor
+       uniform in its range, each op clamped to ``[0, 1]`` (torchvision's float formulas);
+    3. edge-pad ``H // 2`` rows and ``W // 2`` columns on each side (official: ``int(n_pixels / 2)``, square images);
+    4. affine about the centre, bilinear, fill 0 (torchvision's fill mask): angle ``~ U(degrees)``, translation a
+       whole number of pixels ``round(U(-t, t) * size)`` of the *padded* size, scale ``~ U(scale)``, no shear;
+    5. Gaussian blur, ``blur_kernel`` taps, ``sigma ~ U(blur_sigma)``, reflect padding;
+    6. centre crop back to ``H x W``; 7. horizontal flip with probability ``flip_p``;
+    8. add ``N(0, noise_std^2)`` noise per element; 9. clip to ``[0, 1]``.
+
+    Channels: saturation and hue need RGB and are skipped (their factors still drawn) for ``C != 3``; for
+    ``C == 1`` contrast uses the image mean (torchvision), for other ``C`` the mean over all channels.
+
+    Value range: the recipe works on ``[0, 1]`` pixels, so the model should normalise internally (as the
+    official RobustBench models do). ``value_range=(low, high)`` maps the input linearly to ``[0, 1]`` first and
+    the result back (all constants, noise included, stay relative to that range). It is not a substitute for
+    per-channel mean/std normalisation: for such inputs pass un-normalised images and normalise in the model.
+
+    Args:
+        x: ``(B, C, H, W)`` floating-point images.
+        generator: source of every random draw (``None``: the global generators). Use one on ``x``'s device:
+            the noise is drawn on the generator's device and then moved.
+        brightness, contrast, saturation, gamma: factor ranges (the "soft" variant:
+            :data:`COTTA_SOFT_AUGMENT`); hue: shift range in fractions of a turn.
+        degrees: rotation range in degrees; translate: maximum translation as a fraction of the padded size;
+        scale: zoom range; blur_kernel: odd kernel size; blur_sigma: blur sigma range (positive).
+        flip_p: probability of flipping the batch; noise_std: standard deviation of the additive noise.
+        value_range: ``(low, high)`` of the input pixel values (default ``(0, 1)``).
+
+    Returns:
+        The augmented batch, same shape, dtype and device, no autograd history.
+
+    Example:
+        >>> import torch
+        >>> from adaptkit.functional.augment import cotta_augment
+        >>> x = torch.rand(4, 3, 32, 32)
+        >>> a = cotta_augment(x, torch.Generator().manual_seed(0))
+        >>> b = cotta_augment(x, torch.Generator().manual_seed(0))
+        >>> a.shape, a.dtype, torch.equal(a, b), bool(a.min() >= 0) and bool(a.max() <= 1)
+        (torch.Size([4, 3, 32, 32]), torch.float32, True, True)
+    """
+    if x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(f"cotta_augment: need float images (B, C, H, W), got {x.dtype} of shape {tuple(x.shape)}")
+    _check_pair("brightness", brightness, 0.0)
+    _check_pair("contrast", contrast, 0.0)
+    _check_pair("saturation", saturation, 0.0)
+    _check_pair("hue", hue, -0.5)
+    if float(hue[1]) > 0.5:
+        raise ValueError(f"cotta_augment: hue must lie in [-0.5, 0.5], got {hue!r}")
+    _check_pair("gamma", gamma, 0.0)
+    _check_pair("degrees", degrees)
+    _check_pair("scale", scale)
+    if float(scale[0]) <= 0:
+        raise ValueError(f"cotta_augment: scale must be positive, got {scale!r}")
+    _check_pair("blur_sigma", blur_sigma)
+    if float(blur_sigma[0]) <= 0:
+        raise ValueError(f"cotta_augment: blur_sigma must be positive, got {blur_sigma!r}")
+    if not 0.0 <= translate <= 1.0:
+        raise ValueError(f"cotta_augment: translate must be in [0, 1], got {translate!r}")
+    if blur_kernel < 1 or blur_kernel % 2 == 0:
+        raise ValueError(f"cotta_augment: blur_kernel must be a positive odd integer, got {blur_kernel!r}")
+    if not 0.0 <= flip_p <= 1.0:
+        raise ValueError(f"cotta_augment: flip_p must be in [0, 1], got {flip_p!r}")
+    if noise_std < 0:
+        raise ValueError(f"cotta_augment: noise_std must be >= 0, got {noise_std!r}")
+    lo, hi = (float(v) for v in value_range)
+    if not lo < hi:
+        raise ValueError(f"cotta_augment: value_range must be (low, high) with low < high, got {value_range!r}")
+
+    # one draw per call, shared by the batch: colour order (5) and factors (5), angle, tx, ty, scale, sigma, flip
+    u = _draws(16, generator)
+    order = sorted(range(5), key=lambda i: u[i])
+    factors = [
+        _uniform(u[5], brightness),
+        _uniform(u[6], contrast),
+        _uniform(u[7], saturation),
+        _uniform(u[8], hue),
+        _uniform(u[9], gamma),
+    ]
+    b, c, height, width = x.shape
+    ph, pw = height // 2, width // 2
+    hp, wp = height + 2 * ph, width + 2 * pw
+    angle = _uniform(u[10], degrees)
+    tx = float(round(_uniform(u[11], (-translate * wp, translate * wp))))
+    ty = float(round(_uniform(u[12], (-translate * hp, translate * hp))))
+    zoom = _uniform(u[13], scale)
+    sigma = _uniform(u[14], blur_sigma)
+    flip = u[15] < flip_p
+
+    with torch.no_grad():
+        work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        if (lo, hi) != (0.0, 1.0):
+            work = (work - lo) / (hi - lo)
+        out = work.clamp(0.0, 1.0)
+        for op in order:
+            out = _cotta_colour(out, op, factors[op])
+        # edge padding, then the affine warp of the padded image (torchvision's grid; fill 0 through a mask
+        # channel), then the blur, then the centre crop. Only the crop plus the blur's margin is computed: the
+        # rows/columns of the affine grid outside it are never needed (identical values, ~3x less work).
+        half = blur_kernel // 2
+        windowed = ph >= half and pw >= half
+        out = torch.nn.functional.pad(out, (pw, pw, ph, ph), mode="replicate")
+        theta = torch.tensor(_affine_theta(angle, tx, ty, zoom, hp, wp), dtype=out.dtype, device=out.device)
+        grid = torch.nn.functional.affine_grid(theta.expand(b, 2, 3), [b, c + 1, hp, wp], align_corners=False)
+        if windowed:
+            grid = grid[:, ph - half : ph + height + half, pw - half : pw + width + half]
+        ones = torch.ones(b, 1, hp, wp, dtype=out.dtype, device=out.device)
+        warped = torch.nn.functional.grid_sample(
+            torch.cat([out, ones], dim=1), grid, mode="bilinear", padding_mode="zeros", align_corners=False
+        )
+        out = warped[:, :c] * warped[:, c:]
+        if half > 0:  # Gaussian blur, separable, torchvision's kernel (reflect padding of the padded image)
+            taps = torch.arange(blur_kernel, dtype=torch.float64, device=out.device) - half
+            k1 = torch.softmax(-0.5 * (taps / sigma) ** 2, dim=0).to(out.dtype)
+            if not windowed:
+                mode = "reflect" if min(hp, wp) > half else "replicate"
+                out = torch.nn.functional.pad(out, (half, half, half, half), mode=mode)
+            out = torch.nn.functional.conv2d(out, k1.view(1, 1, 1, -1).expand(c, 1, 1, blur_kernel), groups=c)
+            out = torch.nn.functional.conv2d(out, k1.view(1, 1, -1, 1).expand(c, 1, blur_kernel, 1), groups=c)
+        if not windowed:
+            out = out[:, :, ph : ph + height, pw : pw + width]
+        if flip:
+            out = out.flip(-1)
+        if noise_std > 0:
+            if generator is None:
+                noise = torch.randn(out.shape, dtype=out.dtype, device=out.device)
+            else:
+                noise = torch.randn(out.shape, generator=generator, device=generator.device, dtype=out.dtype)
+            out = out + noise.to(out.device) * noise_std
+        out = out.clamp(0.0, 1.0)
+        if (lo, hi) != (0.0, 1.0):
+            out = out * (hi - lo) + lo
+        return out.to(x.dtype).contiguous()

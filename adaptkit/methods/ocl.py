@@ -13,6 +13,7 @@ from adaptkit.core.base import TTAMethod, get_logits
 from adaptkit.core.bn import BNStatsOverride
 from adaptkit.core.layers import _matches, _unknown, norm_kind
 from adaptkit.core.optim import OptimizerSpec, build_optimizer
+from adaptkit.core.teacher import SeededGenerators, stochastic_restore_
 from adaptkit.functional.moments import Moments
 from adaptkit.functional.ocl import OCLTerms, output_contrastive_terms, split_views, two_view_batch
 from adaptkit.registry import register_method
@@ -127,7 +128,7 @@ class OCL(TTAMethod):
         self._params: list[nn.Parameter] = []
         self._bn: dict[str, nn.Module] = {}
         self._sources: list[tuple[nn.Parameter, torch.Tensor]] = []
-        self._gens: dict[str, torch.Generator] = {}
+        self._rng = SeededGenerators(self.seed)  # one generator per device for the restoration masks
         #: the unweighted ``(positive, negative)`` terms of the last step (detached), or ``None``
         self.last_terms: OCLTerms | None = None
         super().__init__(model, episodic=episodic, check_inputs=check_inputs)
@@ -236,37 +237,23 @@ class OCL(TTAMethod):
         return v
 
     def _generator(self, device: torch.device) -> torch.Generator:
-        key = str(device)
-        g = self._gens.get(key)
-        if g is None:
-            g = torch.Generator(device=device)
-            g.manual_seed(self.seed)
-            self._gens[key] = g
-        return g
+        return self._rng.get(device)
 
-    @torch.no_grad()
     def _stochastic_restore(self) -> None:
         """Reset each adapted element to its source value with probability ``restore_prob`` (in place)."""
-        p_r = self.restore_prob
-        if p_r <= 0.0:
-            return
-        for p, src in self._sources:
-            mask = torch.rand(p.shape, generator=self._generator(p.device), device=p.device) < p_r
-            p.copy_(torch.where(mask, src, p))
+        params = [p for p, _ in self._sources]
+        stochastic_restore_(params, [src for _, src in self._sources], self.restore_prob, self._rng)
 
     # ------------------------------------------------------------------ state
     def reset_state(self) -> None:
-        self._gens.clear()  # re-seeded lazily: a reset run replays the same masks
+        self._rng.clear()  # re-seeded lazily: a reset run replays the same masks
         self.last_terms = None
 
     def method_state(self) -> dict[str, Any]:
-        return {f"rng.{k}": g.get_state() for k, g in self._gens.items()}
+        return self._rng.state("rng.")
 
     def load_method_state(self, state: dict[str, Any]) -> None:
-        self._gens.clear()
-        for k, v in state.items():
-            if k.startswith("rng."):
-                self._generator(torch.device(k[4:])).set_state(v)
+        self._rng.load_state(state, "rng.")
 
     def extra_repr(self) -> str:
         return (

@@ -9,14 +9,14 @@ import torch
 import torch.nn as nn
 
 from adaptkit.core.base import TTAMethod, get_logits
-from adaptkit.core.layers import norm_kind, select_norm_layers
 from adaptkit.core.optim import OptimizerSpec, build_optimizer
 from adaptkit.functional.entropy import softmax_entropy
+from adaptkit.methods._norm_affine import NormAffineMixin
 from adaptkit.registry import register_method
 
 
 @register_method
-class Tent(TTAMethod):
+class Tent(NormAffineMixin, TTAMethod):
     """Minimise the softmax entropy of the predictions by updating norm-layer affine parameters.
 
     BatchNorm layers normalise with the current batch's statistics (training form, ``track_running_stats``
@@ -79,33 +79,8 @@ class Tent(TTAMethod):
         self._norm, self._include, self._exclude = norm, include, exclude
         super().__init__(model, episodic=episodic, check_inputs=check_inputs)
 
-    def _kinds(self) -> list[str]:
-        if self._norm != "auto":
-            return [self._norm] if isinstance(self._norm, str) else list(self._norm)
-        has_bn = any(norm_kind(m) == "batch" for m in self.inner.modules())
-        return ["batch"] if has_bn else ["layer", "group"]
-
-    def select(self) -> dict[str, nn.Module]:
-        sel = select_norm_layers(self.inner, self._kinds(), self._include, self._exclude, who="Tent")
-        sel = {n: m for n, m in sel.items() if getattr(m, "weight", None) is not None or getattr(m, "bias", None)}
-        if not sel:
-            raise ValueError("Tent: the selected norm layers have no affine parameters (affine=False) to adapt")
-        return sel
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        params = []
-        for m in self._targets.values():
-            for p in (getattr(m, "weight", None), getattr(m, "bias", None)):
-                if isinstance(p, nn.Parameter):
-                    params.append(p)
-        return params
-
-    def train_modules(self) -> list[str]:
-        return [n for n, m in self._targets.items() if norm_kind(m) == "batch"]
-
     def configure(self) -> None:
-        for name in self.train_modules():
-            self._targets[name].track_running_stats = False  # batch statistics; buffers kept, never written
+        self.use_batch_statistics()  # batch statistics; buffers kept, never written
         self.optimizer = build_optimizer(
             self._opt_spec, self.trainable_parameters(), self.lr, self.momentum, self.weight_decay, "Tent"
         )
