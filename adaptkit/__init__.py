@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from adaptkit import methods as _methods  # noqa: F401  (registers the methods)
 from adaptkit._version import __version__
+from adaptkit.core.alerts import AdaptationWarning
 from adaptkit.core.base import TTAMethod
 from adaptkit.core.layers import list_layers
 from adaptkit.heads.clust3 import ClusT3Head
@@ -39,6 +40,7 @@ from adaptkit.registry import adapt, get_method, list_methods, register_method
 from adaptkit.shift import ShiftScore, shift_score
 
 __all__ = [
+    "AdaptationWarning",
     "BNAdapt",
     "ClusT3",
     "ClusT3Head",

@@ -16,6 +16,7 @@ PKG_DIR = Path(adaptkit.__file__).resolve().parent
 
 #: Update deliberately when the public surface changes.
 EXPECTED_ALL = [
+    "AdaptationWarning",
     "BNAdapt",
     "ClusT3",
     "ClusT3Head",
@@ -202,3 +203,29 @@ def test_import_direction() -> None:
 )
 def test_import_checker_detects(module: str, is_pkg: bool, source: str, expect_bad: bool) -> None:
     assert bool(edge_violations(module, imported_modules(source, module, is_pkg))) is expect_bad
+
+
+def test_warnings_share_one_category_users_can_filter() -> None:
+    """api.md: every adaptkit warning is an ``adaptkit.AdaptationWarning`` (a UserWarning subclass)."""
+    import warnings
+
+    import torch
+    import torch.nn as nn
+
+    assert issubclass(adaptkit.AdaptationWarning, UserWarning)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(3))
+    model(torch.rand(2, 3, 8, 8))
+    model.eval()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        with adaptkit.BNAdapt(model, N=0) as bn:
+            bn(torch.rand(2, 3, 8, 8))  # N=0 with 2 samples: the small-batch warning
+        adaptkit.EATA(model).restore()  # no source data: runs as ETA, said clearly
+    cats = {w.category for w in rec}
+    assert cats == {adaptkit.AdaptationWarning}, [str(w.message) for w in rec]
+    assert len(rec) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", category=adaptkit.AdaptationWarning)
+        with adaptkit.BNAdapt(model, N=0) as bn:
+            bn(torch.rand(2, 3, 8, 8))

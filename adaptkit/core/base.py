@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from adaptkit._version import __version__
+from adaptkit.core.alerts import AdaptationWarning
 from adaptkit.core.check import InputGuard
 from adaptkit.core.hooks import HookManager
 from adaptkit.core.snapshot import Snapshot
@@ -138,6 +139,7 @@ class TTAMethod(nn.Module):
             warnings.warn(
                 f"{self._who()}: got a torch.compile'd model; hooks added after compiling cause recompiles. "
                 "Wrap the eager model, then compile it in place: wrapper.model.compile().",
+                AdaptationWarning,
                 stacklevel=2,
             )
         self.model = model
@@ -344,10 +346,10 @@ class TTAMethod(nn.Module):
             raise RuntimeError(f"{self._who()} was restored; wrap the model again to keep adapting")
 
     def warn_once(self, key: str, msg: str) -> None:
-        """Emit ``msg`` as a warning once per wrapper."""
+        """Emit ``msg`` as an :class:`AdaptationWarning` once per wrapper."""
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(f"{self._who()}: {msg}", stacklevel=3)
+            warnings.warn(f"{self._who()}: {msg}", AdaptationWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ reset / restore
     def reset(self) -> None:
@@ -399,7 +401,8 @@ class TTAMethod(nn.Module):
         sd[_RESERVED + "method"] = self.name
         sd[_RESERVED + "version"] = __version__
         if self.optimizer is not None:
-            sd[_RESERVED + "optimizer"] = self.optimizer.state_dict()
+            # a copy: torch's state_dict() holds the live moment tensors, which later steps update in place
+            sd[_RESERVED + "optimizer"] = copy.deepcopy(self.optimizer.state_dict())
         for k, v in self.method_state().items():
             sd[_RESERVED + "state." + k] = v
         return sd

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from adaptkit.core.alerts import AdaptationWarning
 from adaptkit.core.unwrap import strip_prefix, unwrap_model
 
 NORM_KINDS = ("batch", "group", "layer")
@@ -287,6 +288,7 @@ def select_norm_layers(
         warnings.warn(
             f"{who}: {len(frozen)} frozen BatchNorm layer(s) cannot adapt and are left as they are "
             f"(e.g. {frozen[0]!r}); convert them to nn.BatchNorm2d to adapt them.",
+            AdaptationWarning,
             stacklevel=3,
         )
     cands = {n: m for n, m in all_norms.items() if norm_kind(m) in kinds}
@@ -306,6 +308,7 @@ def select_norm_layers(
             warnings.warn(
                 f"{who}: {len(missing)} BatchNorm layer(s) track no running statistics and are skipped "
                 f"(e.g. {missing[0]!r}).",
+                AdaptationWarning,
                 stacklevel=3,
             )
             sel = {n: m for n, m in sel.items() if n not in missing}

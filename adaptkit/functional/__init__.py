@@ -1,9 +1,12 @@
-"""Pure functions behind the methods: losses and statistics, torch only."""
+"""Pure functions behind the methods: losses and statistics, torch only.
+
+AugMix lives in its own module (``adaptkit.functional.augmix``); it is not re-exported here, where the
+function would hide the module of the same name.
+"""
 
 from __future__ import annotations
 
 from adaptkit.functional.augment import cotta_augment, simclr_augment
-from adaptkit.functional.augmix import augmix
 from adaptkit.functional.clust3 import (
     IMTerms,
     cluster_log_probs,
@@ -40,7 +43,6 @@ __all__ = [
     "IMTerms",
     "Moments",
     "OCLTerms",
-    "augmix",
     "batch_moments",
     "bn_prior_mix",
     "class_directions",

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from adaptkit.core.alerts import AdaptationWarning
 from adaptkit.core.base import TTAMethod, get_logits
 from adaptkit.core.optim import OptimizerSpec, build_optimizer
 from adaptkit.functional.entropy import softmax_entropy
@@ -171,7 +172,7 @@ class EATA(NormAffineMixin, TTAMethod):
                 f"adaptkit.{who}: no fisher_data (nor a precomputed fisher) given, so there is no anti-forgetting "
                 "regulariser: this runs as ETA. Pass fisher_data=<in-distribution batches> to get EATA, or use "
                 "adaptkit.ETA (or fisher_alpha=0) to say that ETA is what you want.",
-                UserWarning,
+                AdaptationWarning,
                 stacklevel=2,
             )
         self.lr, self.steps, self.momentum, self.weight_decay = float(lr), int(steps), momentum, weight_decay

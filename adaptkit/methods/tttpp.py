@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
+from adaptkit.core.alerts import AdaptationWarning
 from adaptkit.heads.tttpp import SCALE_ENC, SCALE_PROJ, FeatureQueue, Queue, TTTPPHead
 from adaptkit.methods._aux import AuxHeadMethod, LayerArg
 from adaptkit.registry import register_method
@@ -114,7 +115,7 @@ class TTTPlusPlus(AuxHeadMethod):
                 "but this head was trained on a frozen backbone: such steps can wreck the classifier (built-in "
                 "Fashion-MNIST benchmark: 42% at lr=0.01 vs 79% at lr=1e-4, BNAdapt 78%). Try lr=1e-4, or train "
                 "the head with joint=True.",
-                UserWarning,
+                AdaptationWarning,
                 stacklevel=2,
             )
         super().__init__(model, layer, head, **kwargs)

@@ -345,3 +345,26 @@ def test_get_logits_variants() -> None:
     assert get_logits(HF()) is t
     with pytest.raises(TypeError, match="logits"):
         get_logits({"foo": t})
+
+
+def test_adaptation_state_dict_is_a_snapshot_of_the_optimizer() -> None:
+    """A saved state dict kept in memory must not follow later steps (torch's state_dict() holds live moments)."""
+    import copy as _copy
+
+    import torch
+    import torch.nn as nn
+
+    import adaptkit
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    with adaptkit.Tent(model) as tent:
+        tent(torch.rand(8, 3, 8, 8))
+        sd = tent.adaptation_state_dict()
+        kept = _copy.deepcopy(sd)
+        tent(torch.rand(8, 3, 8, 8))
+        moments = sd["_adaptkit.optimizer"]["state"]
+        assert moments, "Tent keeps Adam moments"
+        for k, st in moments.items():
+            for name, v in st.items():
+                assert torch.equal(v, kept["_adaptkit.optimizer"]["state"][k][name]), name
