@@ -98,6 +98,19 @@ def _table(out: str) -> dict[str, tuple[float, float]]:
     return rows
 
 
+#: one runnable example per method of the field's set (issue 13); each says whether the model came back unchanged
+METHOD_EXAMPLES = [
+    "lame_example.py", "t3a_example.py", "eata_example.py", "shot_im_example.py", "sar_example.py",
+    "cotta_example.py", "memo_example.py", "rotta_example.py",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", METHOD_EXAMPLES)
+def test_method_examples(name: str) -> None:
+    out = run_example(name)
+    assert "model unchanged after the with block: True" in out, out
+
+
 def test_quickstart_quick() -> None:
     """Smoke test in quick mode (~60 training steps): the table is complete and the model is restored."""
     out = run_example("quickstart.py")
