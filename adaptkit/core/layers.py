@@ -7,12 +7,15 @@ import re
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from adaptkit.core.alerts import AdaptationWarning
 from adaptkit.core.unwrap import strip_prefix, unwrap_model
+
+T = TypeVar("T")
 
 NORM_KINDS = ("batch", "group", "layer")
 
@@ -240,10 +243,76 @@ def format_layers(rows: Iterable[LayerInfo]) -> str:
     return "\n".join([head, *(str(r) for r in rows)])
 
 
-def _matches(name: str, patterns: str | Sequence[str]) -> bool:
+def matches(name: str, patterns: str | Sequence[str]) -> bool:
+    r"""Whether a qualified module name is selected: ``patterns`` is a regex that must match the **full** name, or
+    a list of exact names / dotted suffixes.
+
+    Example:
+        >>> from adaptkit.core.layers import matches
+        >>> matches("layer1.0.bn1", r"layer1\..*"), matches("layer1.0.bn1", ["0.bn1"]), matches("layer1.0.bn1", ["bn"])
+        (True, True, False)
+    """
     if isinstance(patterns, str):
         return re.fullmatch(patterns, name) is not None
     return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+_matches = matches  # the historical private name
+
+
+def filter_by_name(
+    candidates: dict[str, T],
+    include: str | Sequence[str] | None,
+    exclude: str | Sequence[str] | None,
+    what: str,
+) -> dict[str, T]:
+    """The candidates that ``include`` selects (all when ``None``) and ``exclude`` does not (exclusions win).
+
+    A listed ``include`` name that matches no candidate raises a ``ValueError`` with close matches and a pointer to
+    :func:`list_layers`; ``what`` describes the candidates in that message (``"norm layer in Tent(include=...)"``).
+    Wrapper prefixes (``module.``, ``_orig_mod.``) are stripped from listed names.
+
+    Example:
+        >>> from adaptkit.core.layers import filter_by_name
+        >>> sorted(filter_by_name({"a.bn": 1, "b.bn": 2, "c.ln": 3}, r".*bn", ["b.bn"], "layer"))
+        ['a.bn']
+    """
+    if include is not None and not isinstance(include, str):
+        include = [strip_prefix(p) for p in include]
+        for p in include:
+            if not any(matches(n, [p]) for n in candidates):
+                raise _unknown(p, list(candidates), what)
+    return {
+        n: m
+        for n, m in candidates.items()
+        if (include is None or matches(n, include)) and (exclude is None or not matches(n, exclude))
+    }
+
+
+def unique_parameters(
+    modules: Iterable[nn.Module], names: Sequence[str] | None = None, requires_grad: bool = False
+) -> list[nn.Parameter]:
+    """The modules' own parameters (not their children's), each once, in order; only those called ``names`` when
+    given, only those with ``requires_grad`` set when asked.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> from adaptkit.core.layers import unique_parameters
+        >>> lin = nn.Linear(2, 2)
+        >>> [tuple(p.shape) for p in unique_parameters([lin, lin], names=["bias"])]
+        [(2,)]
+    """
+    seen: set[int] = set()
+    out: list[nn.Parameter] = []
+    for m in modules:
+        for k, p in m._parameters.items():
+            if not isinstance(p, nn.Parameter) or id(p) in seen or (names is not None and k not in names):
+                continue
+            if requires_grad and not p.requires_grad:
+                continue
+            seen.add(id(p))
+            out.append(p)
+    return out
 
 
 def select_norm_layers(
@@ -292,16 +361,7 @@ def select_norm_layers(
             stacklevel=3,
         )
     cands = {n: m for n, m in all_norms.items() if norm_kind(m) in kinds}
-    if include is not None and not isinstance(include, str):
-        include = [strip_prefix(p) for p in include]
-        for p in include:
-            if not any(_matches(n, [p]) for n in cands):
-                raise _unknown(p, list(cands), f"{'/'.join(kinds)} norm layer in {who}(include=...)")
-    sel = {
-        n: m
-        for n, m in cands.items()
-        if (include is None or _matches(n, include)) and (exclude is None or not _matches(n, exclude))
-    }
+    sel = filter_by_name(cands, include, exclude, f"{'/'.join(kinds)} norm layer in {who}(include=...)")
     if require_running_stats:
         missing = [n for n, m in sel.items() if norm_kind(m) == "batch" and not _has_running_stats(m)]
         if missing:

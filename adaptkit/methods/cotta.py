@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from adaptkit.core.base import TTAMethod, get_logits
-from adaptkit.core.layers import _matches, _unknown, norm_kind
+from adaptkit.core.layers import filter_by_name, norm_kind, unique_parameters
 from adaptkit.core.optim import OptimizerSpec, build_optimizer
 from adaptkit.core.teacher import SeededGenerators, ema_update_, model_copy, stochastic_restore_
 from adaptkit.functional.augment import cotta_augment
@@ -193,23 +193,8 @@ class CoTTA(TTAMethod):
             if any(isinstance(m._parameters.get(k), nn.Parameter) for k in ("weight", "bias"))
         }
         include, exclude = self._include, self._exclude
-        if include is not None and not isinstance(include, str):
-            for pat in include:
-                if not any(_matches(n, [pat]) for n in owners):
-                    raise _unknown(pat, list(owners), "module with a weight or bias in CoTTA(include=...)")
-        sel = {
-            n: m
-            for n, m in owners.items()
-            if (include is None or _matches(n, include)) and (exclude is None or not _matches(n, exclude))
-        }
-        seen: set[int] = set()
-        params: list[nn.Parameter] = []
-        for m in sel.values():
-            for k in ("weight", "bias"):
-                p = m._parameters.get(k)
-                if isinstance(p, nn.Parameter) and id(p) not in seen:
-                    seen.add(id(p))
-                    params.append(p)
+        sel = filter_by_name(owners, include, exclude, "module with a weight or bias in CoTTA(include=...)")
+        params = unique_parameters(sel.values(), names=("weight", "bias"), requires_grad=False)
         if not params:
             raise ValueError(
                 "CoTTA adapts the parameters named 'weight' / 'bias', and the selection has none "

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from adaptkit.core.base import TTAMethod, get_logits
 from adaptkit.core.bn import BNStatsOverride
-from adaptkit.core.layers import _matches, _unknown, norm_kind
+from adaptkit.core.layers import filter_by_name, norm_kind, unique_parameters
 from adaptkit.core.optim import OptimizerSpec, build_optimizer
 from adaptkit.core.teacher import SeededGenerators
 from adaptkit.functional.augmix import _PRE_AUGMENT, augmix
@@ -181,22 +181,8 @@ class MEMO(TTAMethod):
             if any(p is not None and p.requires_grad for p in m._parameters.values())
         }
         include, exclude = self._include, self._exclude
-        if include is not None and not isinstance(include, str):
-            for pat in include:
-                if not any(_matches(n, [pat]) for n in owners):
-                    raise _unknown(pat, list(owners), "module with trainable parameters in MEMO(include=...)")
-        sel = {
-            n: m
-            for n, m in owners.items()
-            if (include is None or _matches(n, include)) and (exclude is None or not _matches(n, exclude))
-        }
-        seen: set[int] = set()
-        params: list[nn.Parameter] = []
-        for m in sel.values():
-            for p in m._parameters.values():
-                if p is not None and p.requires_grad and id(p) not in seen:
-                    seen.add(id(p))
-                    params.append(p)
+        sel = filter_by_name(owners, include, exclude, "module with trainable parameters in MEMO(include=...)")
+        params = unique_parameters(sel.values(), names=None, requires_grad=True)
         if not params:
             raise ValueError(
                 "MEMO updates the parameters that require grad at wrap time, and the selection has none "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from adaptkit.core.base import TTAMethod, get_logits
-from adaptkit.core.layers import norm_kind, select_norm_layers
+from adaptkit.core.layers import matches, norm_kind, select_norm_layers
 from adaptkit.core.optim import OptimizerSpec, build_optimizer
 from adaptkit.core.sam import SAM
 from adaptkit.functional.entropy import softmax_entropy
@@ -181,7 +180,7 @@ class SAR(NormAffineMixin, TTAMethod):
     def select(self) -> dict[str, nn.Module]:
         everything = select_norm_layers(self.inner, self._kinds(), self._include, None, who="SAR")
         exclude = self._exclusion()
-        frozen = {n for n in everything if exclude is not None and _matches(n, exclude)}
+        frozen = {n for n in everything if exclude is not None and matches(n, exclude)}
         adapted = {n: m for n, m in everything.items() if n not in frozen and _has_affine(m)}
         if not adapted:
             why = (
@@ -313,13 +312,6 @@ class SAR(NormAffineMixin, TTAMethod):
 
 def _has_affine(m: nn.Module) -> bool:
     return getattr(m, "weight", None) is not None or getattr(m, "bias", None) is not None
-
-
-def _matches(name: str, patterns: str | Sequence[str]) -> bool:
-    """``adaptkit.core.layers`` name matching: a full-match regex, or a list of exact names / dotted suffixes."""
-    if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
-    return any(name == p or name.endswith("." + p) for p in patterns)
 
 
 __all__ = ["OFFICIAL_EXCLUDE", "SAR"]
