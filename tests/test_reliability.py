@@ -56,6 +56,23 @@ def test_user_grad_put_aside_while_wrapped_and_handed_back_bitwise(method: str) 
         assert torch.equal(p.grad, saved[n]), f"{n}: the user's .grad was written"
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_a_batch_with_autograd_history_is_not_backpropagated_into(method: str) -> None:
+    """The batch comes out of the user's own graph (an upstream module): adapting must not write the upstream
+    module's .grad nor free the user's graph (their later backward must still work)."""
+    model = get_model("tiny_cnn")
+    pre = nn.Conv2d(3, 3, 1)
+    x = batch(0).requires_grad_(True)
+    y = pre(x)
+    w = wrap(method, model)
+    w(y)
+    w(pre(batch(1)))
+    assert pre.weight.grad is None and x.grad is None, "adaptation backpropagated into the user's graph"
+    y.sum().backward()  # the user's graph is intact
+    assert pre.weight.grad is not None
+    w.restore()
+
+
 @pytest.mark.parametrize("method", GRAD_METHODS)
 def test_first_update_ignores_a_user_grad(method: str) -> None:
     """The first update with a stale user .grad on every parameter equals the update from a clean gradient."""

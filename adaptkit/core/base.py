@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_map
 
 from adaptkit._version import __version__
 from adaptkit.core.alerts import AdaptationWarning
@@ -269,6 +270,9 @@ class TTAMethod(nn.Module):
         return self._guarded_run(x)
 
     def _guarded_run(self, x: Any) -> Any:
+        # the batch may carry the user's autograd history (an upstream module, x.requires_grad): adaptation must
+        # neither write .grad upstream nor free the user's graph by backpropagating through it
+        x = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) and t.requires_grad else t, x)
         self._guard.active = self.check_inputs
         try:
             return self._run(x)

@@ -9,11 +9,14 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
+
+from adaptkit.core.alerts import AdaptationWarning
 
 _HOOK_DICTS = (
     "_forward_hooks",
@@ -149,8 +152,28 @@ class SeededGenerators:
         return {f"{prefix}{k}": g.get_state() for k, g in self._gens.items()}
 
     def load_state(self, state: dict[str, Any], prefix: str = "rng.") -> None:
-        """Inverse of :meth:`state` (entries without ``prefix`` are ignored)."""
-        self._gens.clear()
+        """Inverse of :meth:`state` (entries without ``prefix`` are ignored).
+
+        All or nothing: every generator is rebuilt and loaded before any is replaced, so a state that does not fit
+        leaves the current generators as they were. The state of a device this machine cannot use (a checkpoint
+        saved on ``cuda:0`` and loaded on a CPU-only machine) is skipped with an
+        :class:`~adaptkit.AdaptationWarning`: that device's generator is re-seeded on first use.
+        """
+        gens: dict[str, torch.Generator] = {}
         for k, v in state.items():
-            if k.startswith(prefix):
-                self.get(k[len(prefix) :]).set_state(v)
+            if not k.startswith(prefix):
+                continue
+            key = str(torch.device(k[len(prefix) :]))
+            try:
+                g = torch.Generator(device=key)
+            except RuntimeError:  # no such device here (e.g. CUDA unavailable)
+                warnings.warn(
+                    f"SeededGenerators: the random-generator state saved for device {key!r} cannot be restored "
+                    "on this machine; that device's generator starts from the seed instead",
+                    AdaptationWarning,
+                    stacklevel=2,
+                )
+                continue
+            g.set_state(v)
+            gens[key] = g
+        self._gens = gens

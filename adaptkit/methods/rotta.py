@@ -381,9 +381,20 @@ class RoTTA(TTAMethod):
         state.update(self._gens.state("rng."))
         return state
 
-    def load_method_state(self, state: dict[str, Any]) -> None:
-        names = list(self._named_trainable())
-        for name, p in zip(names, self._teacher_params):  # everything checked before anything is written
+    def load_adaptation_state_dict(self, state: dict[str, Any]) -> None:
+        """Load the output of :meth:`adaptation_state_dict`; RoTTA's own entries (teacher, Robust BN statistics,
+        memory) are checked before anything is written, so a state that does not fit (e.g. saved with another
+        ``memory_size``) raises with the model, the optimizer and the wrapper unchanged."""
+        self._check_alive()
+        if state.get("_adaptkit.method") == self.name:
+            prefix = "_adaptkit.state."
+            self._load_memory({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+        super().load_adaptation_state_dict(state)
+
+    def _load_memory(self, state: dict[str, Any]) -> CSTUMemory | None:
+        """Check the method ``state`` (teacher, Robust BN statistics) and build the memory it holds; writes nothing
+        to the wrapper."""
+        for name, p in zip(self._named_trainable(), self._teacher_params):
             v = state.get(f"teacher.{name}")
             if not isinstance(v, torch.Tensor) or v.shape != p.shape:
                 raise ValueError(f"{self._who()}: the adaptation state lacks the teacher's {name!r} for this model")
@@ -391,12 +402,15 @@ class RoTTA(TTAMethod):
             self._rbn.check_state(state, "rbn.")
             self._teacher_rbn.check_state(state, "teacher_rbn.")
         mem_state = {k[len("memory.") :]: v for k, v in state.items() if k.startswith("memory.")}
-        memory = None
         if mem_state:
             memory = CSTUMemory(self.memory_size, int(mem_state["num_classes"]), self.lambda_t, self.lambda_u)
             memory.load_state_dict(mem_state, device=self._device())
-        elif self._num_classes_arg is not None:
-            memory = self._new_memory(self._num_classes_arg)
+            return memory
+        return self._new_memory(self._num_classes_arg)
+
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        names = list(self._named_trainable())
+        memory = self._load_memory(state)  # everything checked before anything is written
         with torch.no_grad():
             for name, p in zip(names, self._teacher_params):
                 p.copy_(state[f"teacher.{name}"])

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import adaptkit
 from adaptkit.core.teacher import SeededGenerators, ema_update_, model_copy, stochastic_restore_
 
 
@@ -89,3 +90,21 @@ def test_seeded_generators_state_round_trip() -> None:
     other.load_state(state)
     assert torch.equal(torch.rand(4, generator=other.get(cpu)), a)
     assert list(state) == ["rng.cpu"]
+
+
+def test_seeded_generators_load_skips_unusable_devices_and_is_all_or_nothing() -> None:
+    """A state saved on a device this machine lacks (a GPU checkpoint on a CPU machine) loads with a warning
+    (that device re-seeds); a state that does not fit leaves the current generators untouched."""
+    cpu = torch.device("cpu")
+    gens = SeededGenerators(3)
+    torch.rand(4, generator=gens.get(cpu))
+    state = gens.state()
+    state["rng.cuda:99"] = torch.zeros(16, dtype=torch.uint8)  # no such device here
+    other = SeededGenerators(99)
+    with pytest.warns(adaptkit.AdaptationWarning, match="cuda:99"):
+        other.load_state(state)
+    assert torch.equal(torch.rand(4, generator=other.get(cpu)), torch.rand(4, generator=gens.get(cpu)))
+    keep = other.state()
+    with pytest.raises(RuntimeError):
+        other.load_state({"rng.cpu": torch.zeros(3, dtype=torch.uint8)})  # a corrupt state
+    assert all(torch.equal(v, keep[k]) for k, v in other.state().items()) and set(other.state()) == set(keep)

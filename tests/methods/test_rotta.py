@@ -318,6 +318,30 @@ def test_reset_restores_everything_bitwise() -> None:
     w.restore()
 
 
+def test_state_of_another_memory_size_raises_before_anything_is_written() -> None:
+    """A state saved with ``memory_size=6`` does not fit a wrapper with ``memory_size=9``: the load raises, and
+    the model, the optimizer and the wrapper's own state (teacher, memory, counters) are left as they were."""
+    saved = _rotta(make_net())
+    for x in batches(2):
+        saved(x)
+    state = saved.adaptation_state_dict()
+    net = make_net()
+    w = _rotta(net, memory_size=9)
+    w(batches(1)[0])
+    model_before = {k: v.clone() for k, v in net.state_dict().items()}
+    opt_before = copy.deepcopy(w.optimizer.state_dict())
+    method_before = w.method_state()
+    with pytest.raises(ValueError, match="capacity"):
+        w.load_adaptation_state_dict(state)
+    assert all(torch.equal(v, model_before[k]) for k, v in net.state_dict().items())
+    assert str(w.optimizer.state_dict()) == str(opt_before)
+    after = w.method_state()
+    assert set(after) == set(method_before)
+    for k, v in after.items():
+        assert torch.equal(v, method_before[k]) if isinstance(v, torch.Tensor) else v == method_before[k], k
+    w.restore()
+
+
 def test_teacher_is_not_a_registered_child_and_is_released_on_restore() -> None:
     net = make_net()
     w = _rotta(net)
