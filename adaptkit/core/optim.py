@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Union
 
 import torch
 import torch.nn as nn
 
 OptimizerSpec = Union[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer], None]
+
+
+def check_lr(lr: float, who: str) -> float:
+    """``lr`` as a float, or a ``ValueError`` naming ``who`` when it is not a finite positive number.
+
+    Example:
+        >>> from adaptkit.core.optim import check_lr
+        >>> check_lr(1e-3, "Tent")
+        0.001
+    """
+    try:
+        value = float(lr)
+    except (TypeError, ValueError):
+        raise ValueError(f"{who}: lr must be a positive number, got {lr!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{who}: lr must be positive and finite, got {lr}")
+    return value
 
 
 def build_optimizer(

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from adaptkit.core.base import TTAMethod, get_logits
 from adaptkit.core.layers import filter_by_name, norm_kind, unique_parameters
-from adaptkit.core.optim import OptimizerSpec, build_optimizer
+from adaptkit.core.optim import OptimizerSpec, build_optimizer, check_lr
 from adaptkit.core.teacher import SeededGenerators, ema_update_, model_copy, stochastic_restore_
 from adaptkit.functional.augment import cotta_augment
 from adaptkit.registry import register_method
@@ -145,8 +145,7 @@ class CoTTA(TTAMethod):
         exclude: str | Sequence[str] | None = None,
         check_inputs: bool = True,
     ) -> None:
-        if not lr > 0:
-            raise ValueError(f"CoTTA: lr must be positive, got {lr}")
+        check_lr(lr, "CoTTA")
         if int(steps) != steps or steps < 1:
             raise ValueError(f"CoTTA: steps must be a positive integer, got {steps}")
         if not 0.0 <= alpha <= 1.0:

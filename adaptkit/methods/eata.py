@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from adaptkit.core.alerts import AdaptationWarning
 from adaptkit.core.base import TTAMethod, get_logits
-from adaptkit.core.optim import OptimizerSpec, build_optimizer
+from adaptkit.core.optim import OptimizerSpec, build_optimizer, check_lr
 from adaptkit.functional.entropy import softmax_entropy
 from adaptkit.functional.filters import (
     entropy_margin,
@@ -147,8 +147,7 @@ class EATA(NormAffineMixin, TTAMethod):
         check_inputs: bool = True,
     ) -> None:
         who = type(self).__name__
-        if not lr > 0:
-            raise ValueError(f"{who}: lr must be positive, got {lr}")
+        check_lr(lr, who)
         if isinstance(steps, bool) or int(steps) != steps or steps < 1:
             raise ValueError(f"{who}: steps must be a positive integer, got {steps}")
         if predict not in ("before", "after"):

@@ -12,7 +12,7 @@ import torch.nn as nn
 from adaptkit.core.base import TTAMethod, get_logits
 from adaptkit.core.bn import BNStatsOverride
 from adaptkit.core.layers import filter_by_name, norm_kind, unique_parameters
-from adaptkit.core.optim import OptimizerSpec, build_optimizer
+from adaptkit.core.optim import OptimizerSpec, build_optimizer, check_lr
 from adaptkit.core.teacher import SeededGenerators
 from adaptkit.functional.augmix import _PRE_AUGMENT, augmix
 from adaptkit.functional.entropy import marginal_entropy
@@ -125,8 +125,7 @@ class MEMO(TTAMethod):
         exclude: str | Sequence[str] | None = None,
         check_inputs: bool = True,
     ) -> None:
-        if not lr > 0:
-            raise ValueError(f"MEMO: lr must be positive, got {lr}")
+        check_lr(lr, "MEMO")
         if isinstance(n_augmentations, bool) or int(n_augmentations) != n_augmentations or n_augmentations < 1:
             raise ValueError(f"MEMO: n_augmentations must be a positive integer, got {n_augmentations}")
         if isinstance(steps, bool) or int(steps) != steps or steps < 1:

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from adaptkit.core.base import TTAMethod, get_logits
 from adaptkit.core.layers import matches, norm_kind, select_norm_layers
-from adaptkit.core.optim import OptimizerSpec, build_optimizer
+from adaptkit.core.optim import OptimizerSpec, build_optimizer, check_lr
 from adaptkit.core.sam import SAM
 from adaptkit.functional.entropy import softmax_entropy
 from adaptkit.functional.filters import entropy_margin, reliable_mask
@@ -123,8 +123,7 @@ class SAR(NormAffineMixin, TTAMethod):
         predict: str = "before",
         check_inputs: bool = True,
     ) -> None:
-        if not lr > 0:
-            raise ValueError(f"SAR: lr must be positive, got {lr}")
+        check_lr(lr, "SAR")
         if isinstance(steps, bool) or int(steps) != steps or int(steps) < 1:
             raise ValueError(f"SAR: steps must be an integer >= 1, got {steps}")
         if not rho >= 0:

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from adaptkit.core.base import TTAMethod, get_logits
-from adaptkit.core.optim import OptimizerSpec, build_optimizer
+from adaptkit.core.optim import OptimizerSpec, build_optimizer, check_lr
 from adaptkit.functional.clust3 import information_maximization_terms
 from adaptkit.methods._norm_affine import NormAffineMixin
 from adaptkit.registry import register_method
@@ -82,8 +82,7 @@ class SHOTIM(NormAffineMixin, TTAMethod):
         predict: str = "after",
         check_inputs: bool = True,
     ) -> None:
-        if not lr > 0:
-            raise ValueError(f"SHOTIM: lr must be positive, got {lr}")
+        check_lr(lr, "SHOTIM")
         if isinstance(steps, bool) or int(steps) != steps or steps < 1:
             raise ValueError(f"SHOTIM: steps must be a positive integer, got {steps}")
         if not (momentum >= 0 and weight_decay >= 0):

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from adaptkit.core.base import TTAMethod, get_logits
-from adaptkit.core.optim import OptimizerSpec, build_optimizer
+from adaptkit.core.optim import OptimizerSpec, build_optimizer, check_lr
 from adaptkit.functional.entropy import softmax_entropy
 from adaptkit.methods._norm_affine import NormAffineMixin
 from adaptkit.registry import register_method
@@ -67,8 +67,7 @@ class Tent(NormAffineMixin, TTAMethod):
         predict: str = "before",
         check_inputs: bool = True,
     ) -> None:
-        if lr <= 0:
-            raise ValueError(f"Tent: lr must be positive, got {lr}")
+        check_lr(lr, "Tent")
         if int(steps) < 1:
             raise ValueError(f"Tent: steps must be >= 1, got {steps}")
         if predict not in ("before", "after"):

@@ -368,3 +368,18 @@ def test_adaptation_state_dict_is_a_snapshot_of_the_optimizer() -> None:
         for k, st in moments.items():
             for name, v in st.items():
                 assert torch.equal(v, kept["_adaptkit.optimizer"]["state"][k][name]), name
+
+
+@pytest.mark.parametrize("method", ["tent", "eata", "eta", "shot_im", "sar", "cotta", "memo", "rotta"])
+@pytest.mark.parametrize("lr", [float("inf"), float("nan"), 0.0, -1e-3])
+def test_a_learning_rate_that_is_not_finite_and_positive_is_refused(method: str, lr: float) -> None:
+    import torch.nn as nn
+
+    import adaptkit
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="lr"):
+        adaptkit.adapt(model, method, lr=lr)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
