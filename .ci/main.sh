@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job: set up .venv on a fresh machine, make sure Fashion-MNIST is on disk (Debian package
 # dataset-fashion-mnist), then run the default offline benchmark:
-#   Fashion-MNIST-C severity 5, all 15 corruptions, source / BNAdapt(N=0) / BNAdapt(N=16) / Tent, reset each shift.
+#   Fashion-MNIST-C severity 5, all 15 corruptions, source / BNAdapt(N=0) / BNAdapt(N=16) / Tent / EATA (its Fisher
+#   from 2,000 source training images), reset each shift.
 # The built-in source model is trained on first use (a few minutes on 2 CPU cores) and cached.
 # Extra arguments go to `adaptkit bench` (e.g. --n-samples 2000 for a quicker run).
 set -euo pipefail

@@ -15,7 +15,7 @@ def add_parser(subparsers: Any) -> None:
         description=(
             "Run test-time adaptation methods on corrupted data and write a report directory (report.md, "
             "results.json, results.csv, plots). Default: the built-in Fashion-MNIST source model, all 15 "
-            "corruptions at severity 5, source / BNAdapt(N=0) / BNAdapt(N=16) / Tent, reset each shift."
+            "corruptions at severity 5, source / BNAdapt(N=0) / BNAdapt(N=16) / Tent / EATA, reset each shift."
         ),
     )
     p.add_argument(

@@ -27,7 +27,7 @@ from adaptkit.data.segmentation import IGNORE_INDEX
 from adaptkit.data.streams import Domain, make_stream
 from adaptkit.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
 
-DEFAULT_METHODS = ("source", "bn_adapt:N=0", "bn_adapt:N=16", "tent")
+DEFAULT_METHODS = ("source", "bn_adapt:N=0", "bn_adapt:N=16", "tent", "eata")
 #: default methods of ``task="segmentation"``: Tent's and OCL's learning rates (and OCL's BN prior) tuned on
 #: 5 corruptions x 320 Fashion-MNIST scenes for the built-in LR-ASPP model (docs/benchmarks.md)
 DEFAULT_SEG_METHODS = ("source", "bn_adapt:N=0", "tent:lr=1e-4", "ocl:lr=5e-4,bn_prior=0.01")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -123,6 +123,8 @@ class EATA(NormAffineMixin, TTAMethod):
     name = "eata"
     uses_grad = True
     default_episodic = False
+    #: ``adaptkit bench`` hands source training images to this argument (the Fisher's in-distribution data)
+    source_data_arg: ClassVar[str | None] = "fisher_data"
 
     def __init__(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch.nn as nn
 
@@ -43,6 +44,7 @@ class ETA(EATA):
     """
 
     name = "eta"
+    source_data_arg: ClassVar[str | None] = None  # ETA takes no source data
 
     def __init__(
         self,

@@ -114,3 +114,9 @@ def test_bench_passes_source_batches_and_reports_costs(tmp_path: Path, monkeypat
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["costs"]["source"]["state_bytes"] == 0
     assert "| method | s / batch | time (x forward)" in (tmp_path / "report.md").read_text()
+
+
+def test_eata_declares_its_source_data_and_eta_none() -> None:
+    assert adaptkit.EATA.source_data_arg == "fisher_data"
+    assert adaptkit.ETA.source_data_arg is None
+    assert adaptkit.Tent.source_data_arg is None
